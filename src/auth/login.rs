@@ -1,0 +1,131 @@
+//! `POST /auth/login`: a `wx.login` code in, a token pair out (SPEC §3, §6, §7).
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::refresh::{new_refresh_token, token_response};
+use super::{json_response, read_json, store_failed};
+use crate::config::AppConfig;
+use crate::error::Error;
+use crate::proxy::client_ip;
+use crate::state::State;
+use crate::store::SessionRecord;
+use crate::token::unix_now;
+use crate::wechat::crypto::{OpenDataError, decrypt_open_data, signature_matches};
+
+/// Field names follow the mini-program's own, so the front end can pass on what WeChat gave it.
+#[derive(Deserialize)]
+pub(super) struct LoginRequest {
+    code: String,
+    appid: Option<String>,
+    #[serde(rename = "encryptedData")]
+    encrypted_data: Option<String>,
+    iv: Option<String>,
+    #[serde(rename = "rawData")]
+    raw_data: Option<String>,
+    signature: Option<String>,
+}
+
+/// Real codes are 32 characters; anything far longer is not a code and is not sent on.
+const MAX_CODE_LEN: usize = 256;
+
+pub(super) async fn login(
+    state: &State,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Error> {
+    if let Some(limiter) = &state.login_limiter {
+        let trusted = &state.config.server.trusted_proxies;
+        limiter.check(client_ip(trusted, peer.ip(), request.headers()))?;
+    }
+    let body: LoginRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    if body.code.is_empty() || body.code.len() > MAX_CODE_LEN {
+        return Err(Error::BadRequest(
+            "code must be the non-empty code that wx.login gave".into(),
+        ));
+    }
+    let app = resolve_app(state, body.appid.as_deref())?;
+    let session = state
+        .services
+        .wechat
+        .code2session(&state.config.wechat, app, &body.code)
+        .await?;
+
+    let user = match (&body.encrypted_data, &body.iv) {
+        (Some(encrypted), Some(iv)) => Some(
+            decrypt_open_data(&session.session_key, encrypted, iv, &app.appid).map_err(|err| {
+                match err {
+                    OpenDataError::Malformed => Error::BadRequest(
+                        "encryptedData and iv must be base64, and iv 16 bytes".into(),
+                    ),
+                    OpenDataError::Undecryptable | OpenDataError::ForeignWatermark => {
+                        Error::InvalidEncryptedData
+                    }
+                }
+            })?,
+        ),
+        (None, None) => None,
+        _ => {
+            return Err(Error::BadRequest(
+                "encryptedData and iv must be sent together".into(),
+            ));
+        }
+    };
+    match (&body.raw_data, &body.signature) {
+        (Some(raw_data), Some(signature)) => {
+            if !signature_matches(raw_data, &session.session_key, signature) {
+                return Err(Error::InvalidSignature);
+            }
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::BadRequest(
+                "rawData and signature must be sent together".into(),
+            ));
+        }
+    }
+
+    let store = &state.services.store;
+    store
+        .put_session_key(&app.appid, &session.openid, &session.session_key)
+        .await
+        .map_err(store_failed)?;
+    let now = unix_now();
+    let record = SessionRecord {
+        sid: uuid::Uuid::new_v4().simple().to_string(),
+        appid: app.appid.clone(),
+        openid: session.openid.clone(),
+        unionid: session.unionid.clone(),
+        claims: serde_json::Map::new(),
+        expires_at: now + state.config.token.refresh_ttl.as_secs(),
+    };
+    let (refresh_token, refresh_name) = new_refresh_token();
+    store
+        .create_session(&record, refresh_name)
+        .await
+        .map_err(store_failed)?;
+    let mut answer = token_response(state, &record, refresh_token, now)?;
+    answer.user = user;
+    tracing::info!(appid = %app.appid, openid = %record.openid, sid = %record.sid, "login");
+    json_response(StatusCode::OK, &answer)
+}
+
+/// `appid` may be left out only when exactly one app is configured.
+fn resolve_app<'a>(state: &'a State, appid: Option<&str>) -> Result<&'a AppConfig, Error> {
+    let apps = &state.config.wechat.apps;
+    match appid {
+        Some(appid) => apps
+            .iter()
+            .find(|app| app.appid == appid)
+            .ok_or_else(|| Error::UnknownApp("this appid is not configured".into())),
+        None if apps.len() == 1 => Ok(&apps[0]),
+        None => Err(Error::UnknownApp(
+            "several apps are configured: send the appid".into(),
+        )),
+    }
+}

@@ -1,0 +1,210 @@
+//! The gateway's own endpoints under `auth_path` (SPEC §3), and the bearer-token decision that
+//! every route makes before proxying.
+
+mod limit;
+mod login;
+mod open_data;
+mod refresh;
+mod session;
+
+pub use limit::LoginLimiter;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::AuthMode;
+use crate::error::Error;
+use crate::routes::Route;
+use crate::state::State;
+use crate::token::Claims;
+
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// True when the path belongs to the gateway rather than to a route.
+pub fn owns_path(state: &State, path: &str) -> bool {
+    path == JWKS_PATH || crate::routes::is_under(&state.config.server.auth_path, path)
+}
+
+/// Serves one of the gateway's own endpoints; the caller has checked [`owns_path`].
+pub async fn handle(
+    state: &State,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let path = request.uri().path();
+    if path == JWKS_PATH {
+        // HS256 keys are secret: there is nothing to publish.
+        return Err(Error::NoRoute);
+    }
+    let endpoint = path[state.config.server.auth_path.len()..].trim_end_matches('/');
+    let method = request.method();
+    match endpoint {
+        "/login" if method == Method::POST => login::login(state, request, peer).await,
+        "/me" if method == Method::GET => session::me(state, request.headers()),
+        "/verify" => session::verify(state, request.headers()),
+        "/decrypt" if method == Method::POST => open_data::decrypt(state, request).await,
+        "/refresh" if method == Method::POST => refresh::refresh(state, request).await,
+        "/logout" if method == Method::POST => refresh::logout(state, request.headers()).await,
+        "/login" | "/me" | "/decrypt" | "/refresh" | "/logout" => Err(Error::MethodNotAllowed),
+        _ => Err(Error::NoRoute),
+    }
+}
+
+/// The route's auth decision: `Ok(None)` means forward without identity.
+pub fn authorize(
+    state: &State,
+    route: &Route,
+    headers: &HeaderMap,
+) -> Result<Option<Claims>, Error> {
+    let claims = match route.auth() {
+        AuthMode::Public => return Ok(None),
+        AuthMode::Optional => match bearer_token(headers) {
+            None => return Ok(None),
+            Some(token) => verify_token(state, token)?,
+        },
+        AuthMode::Required => require_token(state, headers)?,
+    };
+    if !route.allows_app(&claims.appid) {
+        return Err(Error::ForbiddenApp);
+    }
+    Ok(Some(claims))
+}
+
+/// The verified claims of the request's bearer token, or why there are none.
+pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Claims, Error> {
+    let token = bearer_token(headers).ok_or(Error::MissingToken)?;
+    verify_token(state, token)
+}
+
+fn verify_token(state: &State, token: &str) -> Result<Claims, Error> {
+    let claims = state.keys.verify(token)?;
+    if state.services.revocations.is_revoked(&claims.sid) {
+        return Err(Error::TokenRevoked);
+    }
+    // A token of an app that a reload removed is not honoured any more.
+    if !state
+        .config
+        .wechat
+        .apps
+        .iter()
+        .any(|app| app.appid == claims.appid)
+    {
+        return Err(Error::ForbiddenApp);
+    }
+    Ok(claims)
+}
+
+/// The token of an `Authorization: Bearer …` header, the scheme matched case-insensitively
+/// (RFC 7235 §2.1). Another scheme counts as no bearer token.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Reads a JSON body of at most `limit` bytes: 413 past it, 400 for anything malformed.
+async fn read_json<T: DeserializeOwned>(
+    request: Request<Incoming>,
+    limit: u64,
+) -> Result<T, Error> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(Error::PayloadTooLarge);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let bytes = Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|err| {
+            if err.is::<LengthLimitError>() {
+                Error::PayloadTooLarge
+            } else {
+                Error::BadRequest("the request body could not be read".into())
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(describe_json_error)
+}
+
+/// serde_json's own messages can quote the offending value, which may be a login code: only
+/// the name of a missing field is passed on.
+fn describe_json_error(err: serde_json::Error) -> Error {
+    let text = err.to_string();
+    let message = match err.classify() {
+        serde_json::error::Category::Data => match text.strip_prefix("missing field ") {
+            Some(rest) => format!(
+                "missing field {}",
+                rest.split(" at line").next().unwrap_or(rest)
+            ),
+            None => "a field of the request body has the wrong type".to_string(),
+        },
+        _ => "the request body is not valid JSON".to_string(),
+    };
+    Error::BadRequest(message)
+}
+
+fn store_failed(err: crate::store::StoreError) -> Error {
+    tracing::error!(error = %err, "the store failed");
+    Error::Internal
+}
+
+/// A JSON answer that no cache may keep: it may carry tokens (RFC 6749 §5.1).
+fn json_response(
+    status: StatusCode,
+    body: &impl Serialize,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let json = serde_json::to_vec(body).map_err(|_| Error::Internal)?;
+    let mut response = Response::new(Full::new(Bytes::from(json)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_other_schemes_are_no_token() {
+        let mut headers = HeaderMap::new();
+        for (value, expected) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Basic dXNlcjpwYXNz", None),
+            ("Bearer", None),
+        ] {
+            headers.insert(AUTHORIZATION, HeaderValue::from_static(value));
+            assert_eq!(bearer_token(&headers), expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn json_errors_never_quote_values() {
+        let err = serde_json::from_slice::<login::LoginRequest>(br#"{"code": 123456789}"#)
+            .map_err(describe_json_error)
+            .err()
+            .unwrap();
+        assert!(!err.to_string().contains("123456789"), "{err}");
+        let err = serde_json::from_slice::<login::LoginRequest>(br#"{"appid": "wx"}"#)
+            .map_err(describe_json_error)
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "missing field `code`");
+    }
+}

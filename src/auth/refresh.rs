@@ -1,0 +1,151 @@
+//! `POST /auth/refresh` and `POST /auth/logout`: refresh tokens rotate on every use, a client
+//! racing itself gets the same successor pair, and a rotated token presented later is treated
+//! as stolen (SPEC §6).
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::{json_response, read_json, require_token, store_failed};
+use crate::error::Error;
+use crate::state::State;
+use crate::store::{Rotation, SessionRecord, seal};
+use crate::token::{Subject, unix_now};
+
+/// A rotated token presented again within this many seconds is a client racing itself (two
+/// tabs, a retry after a lost answer) and gets the same successor; later, it is theft.
+const RACE_WINDOW_SECS: u64 = 10;
+
+/// The purpose under which refresh tokens are named and successors sealed.
+const REFRESH: &str = "refresh";
+
+/// The token response of SPEC §3.
+#[derive(Serialize, Deserialize)]
+pub(super) struct TokenResponse {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub refresh_expires_in: u64,
+    pub openid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unionid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// A new refresh token: 256 random bits for the client, and the name the store knows it by.
+pub(super) fn new_refresh_token() -> (String, seal::Name) {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let name = seal::name(REFRESH, token.as_bytes());
+    (token, name)
+}
+
+/// An access token for `session` and the token response around it and `refresh_token`.
+pub(super) fn token_response(
+    state: &State,
+    session: &SessionRecord,
+    refresh_token: String,
+    now: u64,
+) -> Result<TokenResponse, Error> {
+    let (access_token, _) = state.keys.issue(
+        &Subject {
+            appid: &session.appid,
+            openid: &session.openid,
+            unionid: session.unionid.as_deref(),
+            sid: &session.sid,
+        },
+        session.claims.clone(),
+    )?;
+    Ok(TokenResponse {
+        access_token,
+        token_type: "Bearer".into(),
+        expires_in: state.keys.access_ttl().as_secs(),
+        refresh_token,
+        refresh_expires_in: session.expires_at.saturating_sub(now),
+        openid: session.openid.clone(),
+        unionid: session.unionid.clone(),
+        user: None,
+    })
+}
+
+pub(super) async fn refresh(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let body: RefreshRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    let presented = body.refresh_token.as_bytes();
+    let old = seal::name(REFRESH, presented);
+    let now = unix_now();
+    let store = &state.services.store;
+    let session = store
+        .refresh_session(old, now)
+        .await
+        .map_err(store_failed)?
+        .ok_or(Error::InvalidRefreshToken)?;
+
+    let (refresh_token, new) = new_refresh_token();
+    let successor = token_response(state, &session, refresh_token, now)?;
+    let sealed = seal::seal(
+        REFRESH,
+        presented,
+        &serde_json::to_vec(&successor).map_err(|_| Error::Internal)?,
+    );
+    match store
+        .rotate_refresh(old, new, &sealed, now)
+        .await
+        .map_err(store_failed)?
+    {
+        Rotation::Rotated(_) => json_response(StatusCode::OK, &successor),
+        Rotation::AlreadyRotated {
+            rotated_at,
+            sealed_successor,
+            ..
+        } if now.saturating_sub(rotated_at) <= RACE_WINDOW_SECS => {
+            let earlier: TokenResponse = seal::open(REFRESH, presented, &sealed_successor)
+                .and_then(|json| serde_json::from_slice(&json).ok())
+                .ok_or(Error::InvalidRefreshToken)?;
+            json_response(StatusCode::OK, &earlier)
+        }
+        Rotation::AlreadyRotated { session, .. } => {
+            tracing::warn!(sid = %session.sid, "a rotated refresh token was presented again: session revoked");
+            revoke(state, &session.sid).await?;
+            Err(Error::RefreshTokenReused)
+        }
+        Rotation::Unknown => Err(Error::InvalidRefreshToken),
+    }
+}
+
+pub(super) async fn logout(
+    state: &State,
+    headers: &HeaderMap,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let claims = require_token(state, headers)?;
+    revoke(state, &claims.sid).await?;
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+/// Ends a session here at once, and everywhere once the other replicas sync.
+async fn revoke(state: &State, sid: &str) -> Result<(), Error> {
+    state.services.revocations.insert(sid);
+    let token = &state.config.token;
+    state
+        .services
+        .store
+        .revoke_session(sid, token.access_ttl + token.leeway)
+        .await
+        .map_err(store_failed)
+}

@@ -1,0 +1,192 @@
+//! Protected header families: everything a client sends that could pass for identity is
+//! removed, then the verified identity is injected (SPEC §5, steps 2 and 3). Names are compared
+//! case-insensitively with `_` read as `-`, because many upstream stacks (CGI, WSGI, PHP) fold
+//! `X_WX_OPENID` and `X-WX-OpenID` into the same variable.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::IdentityConfig;
+use crate::token::Claims;
+
+pub struct IdentityRules {
+    openid: HeaderName,
+    unionid: HeaderName,
+    appid: HeaderName,
+    /// Normalized names (lower case, `-`) of every exact protected header.
+    exact: Vec<String>,
+    /// Normalized prefixes.
+    prefixes: Vec<String>,
+    claim_headers: Vec<(String, HeaderName)>,
+}
+
+impl IdentityRules {
+    pub fn new(config: &IdentityConfig) -> IdentityRules {
+        let mut exact: Vec<String> = [
+            &config.openid_header,
+            &config.unionid_header,
+            &config.appid_header,
+        ]
+        .into_iter()
+        .chain(config.claim_headers.iter().map(|(_, header)| header))
+        .map(|name| normalize(name.as_str()))
+        .collect();
+        exact.sort();
+        exact.dedup();
+        IdentityRules {
+            openid: config.openid_header.clone(),
+            unionid: config.unionid_header.clone(),
+            appid: config.appid_header.clone(),
+            exact,
+            prefixes: config
+                .protected_prefixes
+                .iter()
+                .map(|prefix| normalize(prefix))
+                .collect(),
+            claim_headers: config.claim_headers.clone(),
+        }
+    }
+
+    /// True when `name` belongs to a protected family.
+    pub fn is_protected(&self, name: &str) -> bool {
+        self.exact
+            .iter()
+            .any(|protected| same_name(name, protected))
+            || self.prefixes.iter().any(|prefix| {
+                name.len() >= prefix.len() && same_name(&name[..prefix.len()], prefix)
+            })
+    }
+
+    /// Removes every header of a protected family.
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.is_protected(name.as_str()))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+
+    /// Sets the identity headers from verified claims. Call after [`Self::strip`].
+    pub fn inject(&self, headers: &mut HeaderMap, claims: &Claims) {
+        set(headers, &self.openid, &claims.sub);
+        set(headers, &self.appid, &claims.appid);
+        if let Some(unionid) = &claims.unionid {
+            set(headers, &self.unionid, unionid);
+        }
+        for (claim, header) in &self.claim_headers {
+            match claims.extra.get(claim) {
+                Some(serde_json::Value::String(text)) => set(headers, header, text),
+                Some(serde_json::Value::Null) | None => {}
+                Some(other) => set(headers, header, &other.to_string()),
+            }
+        }
+    }
+
+    /// The identity as response headers, for forward-auth answers.
+    pub fn headers_for(&self, claims: &Claims) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        self.inject(&mut headers, claims);
+        headers
+    }
+}
+
+/// A value that cannot be a header value (a control character in a claim) is left out rather
+/// than sent mangled: the upstream then sees no header, never a wrong one.
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(value) => {
+            headers.insert(name.clone(), value);
+        }
+        Err(_) => {
+            tracing::warn!(header = %name, "identity value is not a valid header value; left out")
+        }
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.bytes().map(|b| fold(b) as char).collect()
+}
+
+/// `protected` is already normalized.
+fn same_name(name: &str, protected: &str) -> bool {
+    name.len() == protected.len()
+        && name
+            .bytes()
+            .zip(protected.bytes())
+            .all(|(a, b)| fold(a) == b)
+}
+
+fn fold(byte: u8) -> u8 {
+    match byte {
+        b'_' => b'-',
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> IdentityRules {
+        IdentityRules::new(&IdentityConfig {
+            openid_header: HeaderName::from_static("x-wx-openid"),
+            unionid_header: HeaderName::from_static("x-wx-unionid"),
+            appid_header: HeaderName::from_static("x-wx-appid"),
+            protected_prefixes: vec!["x-wx-".into()],
+            forward_authorization: false,
+            claim_headers: vec![("uid".into(), HeaderName::from_static("x-user-id"))],
+        })
+    }
+
+    #[test]
+    fn client_supplied_identity_headers_are_stripped_in_every_spelling() {
+        let rules = rules();
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x-wx-openid",
+            "x_wx_openid",
+            "x-wx_openid",
+            "x-wx-anything",
+            "x_wx_unionid",
+            "x-user-id",
+            "x_user_id",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("spoof"),
+            );
+        }
+        headers.insert("x-other", HeaderValue::from_static("kept"));
+        headers.insert("x-wxy", HeaderValue::from_static("kept"));
+        rules.strip(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key("x-other") && headers.contains_key("x-wxy"));
+    }
+
+    #[test]
+    fn identity_is_injected_from_claims() {
+        let rules = rules();
+        let mut extra = serde_json::Map::new();
+        extra.insert("uid".into(), 42.into());
+        let claims = Claims {
+            iss: "wxgate".into(),
+            aud: "api".into(),
+            sub: "o-alice".into(),
+            appid: "wx1".into(),
+            unionid: None,
+            sid: "s".into(),
+            jti: "j".into(),
+            iat: 0,
+            exp: 0,
+            extra,
+        };
+        let headers = rules.headers_for(&claims);
+        assert_eq!(headers["x-wx-openid"], "o-alice");
+        assert_eq!(headers["x-wx-appid"], "wx1");
+        assert_eq!(headers["x-user-id"], "42");
+        assert!(!headers.contains_key("x-wx-unionid"));
+    }
+}

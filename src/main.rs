@@ -1,0 +1,103 @@
+//! The `wxgate` command: parses the command line, sets up logging, then hands over to the
+//! library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use wxgate::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "wxgate",
+    version,
+    about = "A reverse-proxy authentication sidecar for WeChat mini-programs"
+)]
+struct Cli {
+    /// Log line format; the default is pretty on a terminal, json otherwise.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, env = "WXGATE_CONFIG", default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config and print the route table; exit 1 listing every problem.
+    Check {
+        #[arg(long, env = "WXGATE_CONFIG", default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Zero-setup demo on loopback: mock WeChat, an echo upstream and the gateway on :8080.
+    Dev,
+    /// The built-in fake WeChat API alone, for local and CI testing of mini-program front ends.
+    MockWechat {
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("wxgate: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => wxgate::server::serve(&config).await,
+            Command::Check { config } => check(&config),
+            Command::Dev => wxgate::dev::run().await,
+            Command::MockWechat { listen } => wxgate::mock::wechat::run_standalone(listen).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("wxgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    wxgate::State::shared(config.clone())?;
+    println!("{}: ok\n\n{}", path.display(), config.route_table());
+    Ok(())
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

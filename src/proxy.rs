@@ -1,0 +1,333 @@
+//! Forwarding to the upstream: hop-by-hop and forwarded headers, identity (through
+//! [`crate::identity`]), the pooled keep-alive client, the streamed body cap and the response
+//! timeout (SPEC §5).
+
+use std::error::Error as StdError;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONNECTION, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ipnet::IpNet;
+
+use crate::config::AuthMode;
+use crate::error::Error;
+use crate::routes::Route;
+use crate::state::State;
+use crate::token::Claims;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`):
+/// they describe one connection and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// How long an idle upstream connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub type UpstreamBody = CappedBody<Incoming>;
+
+/// The pooled keep-alive client to every upstream. Long-lived: kept across reloads.
+pub struct UpstreamClient {
+    client: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        UpstreamClient { client }
+    }
+}
+
+/// Sends the request on to the route's upstream and returns its response with the body still
+/// streaming. `identity` is the verified token of this request, if any.
+pub async fn forward(
+    state: &State,
+    route: &Route,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    identity: Option<&Claims>,
+    request_id: &HeaderValue,
+) -> Result<Response<Incoming>, Error> {
+    let uri = route.upstream_uri(request.uri())?;
+    let (mut parts, body) = request.into_parts();
+    // An HTTP/2 client sends `:authority` instead of `Host`; the upstream speaks HTTP/1.1 and
+    // must still see the original host.
+    let host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+    });
+
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    state.identity.strip(headers);
+    if route.auth() != AuthMode::Public && !state.config.identity.forward_authorization {
+        headers.remove(AUTHORIZATION);
+    }
+    if let Some(claims) = identity {
+        state.identity.inject(headers, claims);
+    }
+    set_forwarded(state, headers, peer, host.as_ref());
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    if let Some(host) = host {
+        headers.insert(HOST, host);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+
+    let body = CappedBody::new(body, state.config.server.max_body_bytes);
+    let sent = state
+        .services
+        .upstream
+        .client
+        .request(Request::from_parts(parts, body));
+    let mut response = match tokio::time::timeout(route.timeout(), sent).await {
+        Err(_) => return Err(Error::UpstreamTimeout),
+        Ok(Err(err)) if caused_by_body_cap(&err) => return Err(Error::PayloadTooLarge),
+        Ok(Err(err)) => {
+            tracing::warn!(route = %route.config.path, error = %err, "upstream request failed");
+            return Err(Error::UpstreamUnavailable);
+        }
+        Ok(Ok(response)) => response,
+    };
+    remove_hop_by_hop(response.headers_mut());
+    Ok(response)
+}
+
+/// Drops the fixed hop-by-hop headers and every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A peer in `trusted_proxies` is believed about the client before it: its `X-Forwarded-For`
+/// gets the peer appended, its `-Proto` and `-Host` are kept. Anyone else's are replaced with
+/// what the gateway saw itself.
+fn set_forwarded(
+    state: &State,
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+) {
+    let peer_ip = peer.ip();
+    let trusted = is_trusted(&state.config.server.trusted_proxies, peer_ip);
+    let peer_text = peer_ip.to_string();
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
+        Some(Ok(earlier)) if trusted => HeaderValue::from_str(&format!("{earlier}, {peer_text}")),
+        _ => HeaderValue::from_str(&peer_text),
+    };
+    if let Ok(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !trusted {
+        headers.remove(FORWARDED);
+        headers.remove(X_FORWARDED_PROTO);
+        headers.remove(X_FORWARDED_HOST);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HTTP);
+    }
+    if let Some(host) = host
+        && !headers.contains_key(X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+}
+
+fn is_trusted(trusted_proxies: &[IpNet], ip: IpAddr) -> bool {
+    trusted_proxies.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address: the peer itself, unless the peer is a trusted proxy; then the
+/// nearest address in `X-Forwarded-For` that is not a trusted proxy too. Addresses left of it
+/// were written by someone nobody vouches for.
+pub fn client_ip(trusted_proxies: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let mut client = peer;
+    if !is_trusted(trusted_proxies, client) {
+        return client;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .collect();
+    for hop in forwarded.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => client = ip,
+            Err(_) => break,
+        }
+        if !is_trusted(trusted_proxies, client) {
+            break;
+        }
+    }
+    client
+}
+
+/// The error a capped body ends with once it grows past the limit. Ending the stream with an
+/// error (not a clean end) makes the client abort the upstream request, so the upstream never
+/// sees a truncated body as a complete one.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the configured maximum")]
+pub struct BodyTooLarge;
+
+fn caused_by_body_cap(err: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if err.is::<BodyTooLarge>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// A request body that streams through unchanged until it passes `limit` bytes.
+pub struct CappedBody<B> {
+    inner: B,
+    remaining: u64,
+}
+
+impl<B> CappedBody<B> {
+    pub fn new(inner: B, limit: u64) -> Self {
+        CappedBody {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+impl<B> Body for CappedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.remaining = 0;
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    #[test]
+    fn connection_named_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn client_ip_believes_only_trusted_hops() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.2"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_ip(&trusted, proxy, &headers),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let stranger: IpAddr = "5.5.5.5".parse().unwrap();
+        assert_eq!(client_ip(&trusted, stranger, &headers), stranger);
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("junk"));
+        assert_eq!(client_ip(&trusted, proxy, &headers), proxy);
+    }
+
+    #[tokio::test]
+    async fn capped_body_passes_up_to_the_limit() {
+        let body = CappedBody::new(Full::new(Bytes::from_static(b"12345")), 5);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "12345");
+    }
+
+    #[tokio::test]
+    async fn capped_body_fails_past_the_limit() {
+        let chunks = (0..4)
+            .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))));
+        let body = CappedBody::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
+        let err = body.collect().await.unwrap_err();
+        assert!(caused_by_body_cap(err.as_ref()));
+    }
+}

@@ -1,0 +1,249 @@
+//! The route table: longest prefix on segment boundaries wins (SPEC §5), and the path checks
+//! that run before any route is chosen.
+
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Uri};
+use percent_encoding::percent_decode_str;
+
+use crate::config::{AuthMode, RouteConfig};
+use crate::error::Error;
+
+/// How many layers of percent-encoding are peeled off a segment when looking for a hidden
+/// dot-segment or separator. Two covers double encoding (`%252e`); one more catches a
+/// triple-encoded attempt at the same price.
+const DECODE_LAYERS: usize = 3;
+
+/// Refuses paths that could mean a different resource to the upstream than to the route
+/// matcher: dot-segments (also percent-encoded, once or more), encoded `/` or `\`, a literal `\`.
+pub fn check_path(path: &str) -> Result<(), Error> {
+    if path.contains('\\') {
+        return Err(Error::BadPath);
+    }
+    for segment in path.split('/') {
+        if segment == "." || segment == ".." {
+            return Err(Error::BadPath);
+        }
+        if segment.contains('%') && hides_separator_or_dots(segment) {
+            return Err(Error::BadPath);
+        }
+    }
+    Ok(())
+}
+
+fn hides_separator_or_dots(segment: &str) -> bool {
+    let mut current = segment.to_string();
+    for _ in 0..DECODE_LAYERS {
+        let decoded = percent_decode_str(&current)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded.contains(['/', '\\']) || decoded == "." || decoded == ".." {
+            return true;
+        }
+        if decoded == current {
+            return false;
+        }
+        current = decoded;
+    }
+    false
+}
+
+/// True when `path` is `prefix` itself or lies below it. `prefix` has no trailing `/`, and the
+/// empty prefix (the route `/`) matches everything.
+pub fn is_under(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
+}
+
+pub struct Route {
+    pub config: RouteConfig,
+    /// `config.path` without its trailing `/`.
+    prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream URL's own path, without a trailing `/`, put before every forwarded path.
+    base_path: String,
+}
+
+impl Route {
+    fn new(config: RouteConfig) -> Route {
+        let prefix = config.path.trim_end_matches('/').to_string();
+        let parts = config.upstream.clone().into_parts();
+        let base_path = parts
+            .path_and_query
+            .as_ref()
+            .map(|p| p.path().trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        Route {
+            prefix,
+            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+            authority: parts
+                .authority
+                .expect("validated upstream URLs have an authority"),
+            base_path,
+            config,
+        }
+    }
+
+    pub fn auth(&self) -> AuthMode {
+        self.config.auth
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    pub fn allows_method(&self, method: &Method) -> bool {
+        match &self.config.methods {
+            None => true,
+            Some(methods) => methods.contains(method),
+        }
+    }
+
+    pub fn allows_app(&self, appid: &str) -> bool {
+        match &self.config.apps {
+            None => true,
+            Some(apps) => apps.iter().any(|allowed| allowed == appid),
+        }
+    }
+
+    /// The URI the upstream is asked for: its base path, then the request path (less the route
+    /// prefix with `strip_prefix`), then the query unchanged.
+    pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Error> {
+        let path = uri.path();
+        let path = if self.config.strip_prefix {
+            match &path[self.prefix.len()..] {
+                "" => "/",
+                rest => rest,
+            }
+        } else {
+            path
+        };
+        let mut target = String::with_capacity(self.base_path.len() + path.len() + 64);
+        target.push_str(&self.base_path);
+        target.push_str(path);
+        if let Some(query) = uri.query() {
+            target.push('?');
+            target.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| Error::BadPath)
+    }
+}
+
+pub struct RouteTable {
+    /// Longest prefix first, so the first match is the longest.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(configs: &[RouteConfig]) -> RouteTable {
+        let mut routes: Vec<Route> = configs.iter().cloned().map(Route::new).collect();
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        RouteTable { routes }
+    }
+
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| is_under(&route.prefix, path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str, strip_prefix: bool) -> RouteConfig {
+        RouteConfig {
+            path: path.into(),
+            upstream: "http://127.0.0.1:3000".parse().unwrap(),
+            auth: AuthMode::Public,
+            methods: None,
+            apps: None,
+            strip_prefix,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_bad_paths() {
+        for path in [
+            "/api/../admin",
+            "/api/./x",
+            "/api/..",
+            "/api/%2e%2e/admin",
+            "/api/%2E./admin",
+            "/api/.%2e/admin",
+            "/api/%252e%252e/admin",
+            "/api/%25252e%25252e/admin",
+            "/api/a%2fb",
+            "/api/a%2Fb",
+            "/api/a%252fb",
+            "/api/a%5cb",
+            "/api/a%255cb",
+            "/api\\..\\admin",
+        ] {
+            assert_eq!(check_path(path), Err(Error::BadPath), "{path}");
+        }
+    }
+
+    #[test]
+    fn ordinary_paths_pass() {
+        for path in [
+            "/",
+            "/api/orders",
+            "/api/a.b/c..d",
+            "/api/%E4%BD%A0",
+            "/api/x%20y",
+        ] {
+            assert_eq!(check_path(path), Ok(()), "{path}");
+        }
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries_wins() {
+        let table = RouteTable::new(&[
+            route("/", false),
+            route("/api/", false),
+            route("/api/public", false),
+        ]);
+        let found = |path: &str| table.find(path).map(|r| r.config.path.clone());
+        assert_eq!(found("/api").as_deref(), Some("/api/"));
+        assert_eq!(found("/api/").as_deref(), Some("/api/"));
+        assert_eq!(found("/api/x").as_deref(), Some("/api/"));
+        assert_eq!(found("/apix").as_deref(), Some("/"));
+        assert_eq!(found("/api/public/x").as_deref(), Some("/api/public"));
+        assert_eq!(found("/api/publicx").as_deref(), Some("/api/"));
+    }
+
+    #[test]
+    fn no_route_without_a_match() {
+        let table = RouteTable::new(&[route("/api/", false)]);
+        assert!(table.find("/apix").is_none());
+        assert!(table.find("/").is_none());
+    }
+
+    #[test]
+    fn strip_prefix_keeps_the_rest_and_the_query() {
+        let table = RouteTable::new(&[route("/api/public/", true)]);
+        let route = table.find("/api/public/x").unwrap();
+        let uri: Uri = "/api/public/x/y?a=1&b=%20".parse().unwrap();
+        assert_eq!(
+            route.upstream_uri(&uri).unwrap().to_string(),
+            "http://127.0.0.1:3000/x/y?a=1&b=%20"
+        );
+        let uri: Uri = "/api/public".parse().unwrap();
+        assert_eq!(
+            route.upstream_uri(&uri).unwrap().to_string(),
+            "http://127.0.0.1:3000/"
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! The client-facing listener: the accept loop, one task per connection (HTTP/1.1 and h2c),
+//! the request path from path checks to proxying, the access log, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::auth;
+use crate::error::Error;
+use crate::proxy::{self, X_REQUEST_ID};
+use crate::routes::{self, Route};
+use crate::state::{SharedState, State};
+
+/// A proxied body streams through untouched; the gateway's own answers are small and whole.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Longest client-sent `X-Request-Id` that is passed on; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Pause after a failed `accept` (most often out of file descriptors), so the loop does not
+/// spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting and gives in-flight
+/// requests `server.shutdown_grace` to finish.
+pub async fn run(
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let grace_state = state.clone();
+    let handler = move |request, peer| {
+        let state = state.load_full();
+        async move { handle(&state, request, peer).await }
+    };
+    // The grace period is read at shutdown time: a reload may have changed it.
+    let grace = move || grace_state.load().config.server.shutdown_grace;
+    serve_connections(listener, handler, shutdown, grace).await;
+    Ok(())
+}
+
+/// The accept loop shared by the gateway and the admin listener: one task per connection,
+/// HTTP/1.1 or h2c, each watched so that shutdown can wait for it to finish.
+async fn serve_connections<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: impl FnOnce() -> Duration,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Latency matters more than packet count for small API answers.
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let answer = handler(request, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let grace = grace();
+    tracing::info!(?grace, "draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing the remaining connections");
+    }
+}
+
+/// The admin listener: `/healthz` while the process runs, `/readyz` while the store answers.
+pub async fn run_admin(
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handler = move |request: Request<Incoming>, _peer| {
+        let state = state.load_full();
+        async move {
+            let (status, body) = match request.uri().path() {
+                "/healthz" => (StatusCode::OK, "ok"),
+                "/readyz" => match state.services.store.ping().await {
+                    Ok(()) => (StatusCode::OK, "ready"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "not ready: the store does not answer");
+                        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+                    }
+                },
+                _ => (StatusCode::NOT_FOUND, "not found"),
+            };
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            ))));
+            *response.status_mut() = status;
+            response
+        }
+    };
+    serve_connections(listener, handler, shutdown, || Duration::from_secs(1)).await;
+}
+
+/// One request, start to finish: it never fails, errors become their JSON answer here.
+async fn handle(
+    state: &State,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let request_id = request_id(&request);
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut route_label = "none";
+
+    let result = dispatch(state, request, peer, &request_id, &mut route_label).await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(err) => err.into_response().map(Either::Right),
+    };
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, request_id.clone());
+    tracing::info!(
+        target: "wxgate::access",
+        method = %method,
+        path = %path,
+        route = route_label,
+        status = response.status().as_u16(),
+        duration_us = started.elapsed().as_micros() as u64,
+        request_id = request_id.to_str().unwrap_or_default(),
+    );
+    response
+}
+
+/// The checks in SPEC §4 order: path, route, method, token, body size; then the answer.
+async fn dispatch<'s>(
+    state: &'s State,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    request_id: &HeaderValue,
+    route_label: &mut &'s str,
+) -> Result<Response<ResponseBody>, Error> {
+    let path = request.uri().path();
+    routes::check_path(path)?;
+    if auth::owns_path(state, path) {
+        *route_label = "auth";
+        return auth::handle(state, request, peer)
+            .await
+            .map(|response| response.map(Either::Right));
+    }
+    let route: &Route = state.routes.find(path).ok_or(Error::NoRoute)?;
+    *route_label = &route.config.path;
+    if !route.allows_method(request.method()) {
+        return Err(Error::MethodNotAllowed);
+    }
+    let identity = auth::authorize(state, route, request.headers())?;
+    if declared_length(&request).is_some_and(|length| length > state.config.server.max_body_bytes) {
+        return Err(Error::PayloadTooLarge);
+    }
+    let response =
+        proxy::forward(state, route, request, peer, identity.as_ref(), request_id).await?;
+    Ok(response.map(Either::Left))
+}
+
+fn declared_length(request: &Request<Incoming>) -> Option<u64> {
+    request
+        .headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The client's `X-Request-Id` when it is short and plain (so it can go into logs and headers
+/// as is), else a new one.
+fn request_id(request: &Request<Incoming>) -> HeaderValue {
+    if let Some(sent) = request.headers().get(X_REQUEST_ID) {
+        let bytes = sent.as_bytes();
+        let sane = !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID_LEN
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if sane {
+            return sent.clone();
+        }
+    }
+    let generated = uuid::Uuid::new_v4();
+    let mut buffer = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(generated.simple().encode_lower(&mut buffer))
+        .expect("a uuid is a valid header value")
+}
+
+/// `wxgate serve`: loads the config, binds the listeners and runs until SIGTERM or SIGINT.
+pub async fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = crate::Config::load(config_path)?;
+    let (listen, admin_listen) = (config.server.listen, config.server.admin_listen);
+    let state = State::shared(config)?;
+    let listener = bind(listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "wxgate listening");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop_requested = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin = match admin_listen {
+        Some(addr) => {
+            let admin_listener = bind(addr).await?;
+            tracing::info!(addr = %admin_listener.local_addr()?, "admin listening");
+            Some(tokio::spawn(run_admin(
+                admin_listener,
+                state.clone(),
+                stop_requested(),
+            )))
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(config_path.to_path_buf(), state.clone()));
+    run(listener, state, stop_requested()).await?;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    tracing::info!("wxgate stopped");
+    Ok(())
+}
+
+/// Re-reads the config file on every SIGHUP and swaps the state whole. A file that does not
+/// load is refused and the running config keeps serving.
+#[cfg(unix)]
+async fn reload_on_sighup(path: std::path::PathBuf, state: SharedState) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reloading is off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match reload(&path, &state) {
+            Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
+            Err(err) => tracing::error!(
+                path = %path.display(),
+                problems = %err,
+                "config reload refused; the previous config keeps serving"
+            ),
+        }
+    }
+}
+
+/// Loads `path` and makes it the state new requests see; requests under way finish on the
+/// state they started with.
+pub fn reload(
+    path: &std::path::Path,
+    state: &SharedState,
+) -> Result<(), crate::config::ConfigError> {
+    let config = crate::Config::load(path)?;
+    let current = state.load();
+    let running = &current.config;
+    if config.server.listen != running.server.listen
+        || config.server.admin_listen != running.server.admin_listen
+    {
+        tracing::warn!("a listen address changed: it takes effect only after a restart");
+    }
+    if config.store != running.store {
+        tracing::warn!("the store settings changed: they take effect only after a restart");
+    }
+    let next = State::new(config, current.services.clone())?;
+    state.store(Arc::new(next));
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,144 @@
+//! Server-side state that outlives a request: the newest session_key per (appid, openid), the
+//! sessions that refresh tokens stand for, revoked sessions, and code exchanges shared between
+//! replicas. One trait, three backends, one test suite (`tests/store.rs`).
+//!
+//! Nothing stored is usable on its own: refresh tokens and login codes are known only by their
+//! SHA-256, and what must be kept about them (a successor token pair, an exchange's outcome) is
+//! sealed by the caller under a key derived from the token or code itself.
+
+mod memory;
+mod revocations;
+pub mod seal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use memory::MemoryStore;
+pub use revocations::Revocations;
+
+use crate::config::{Secret, StoreConfig};
+
+#[derive(Debug, thiserror::Error)]
+#[error("the store failed: {0}")]
+pub struct StoreError(pub String);
+
+/// A SHA-256 digest: how refresh tokens and codes are named in the store.
+pub type Digest = [u8; 32];
+
+/// A login session: what its refresh tokens stand for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    pub sid: String,
+    pub appid: String,
+    pub openid: String,
+    pub unionid: Option<String>,
+    /// Claims the login hook added, carried into every token of the session.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Unix seconds; the session and all its refresh tokens end then (`token.refresh_ttl`
+    /// after login: rotation does not extend it).
+    pub expires_at: u64,
+}
+
+/// What presenting a refresh token found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rotation {
+    /// It was the session's current token; now `new` is.
+    Rotated(SessionRecord),
+    /// It had been rotated already, at `rotated_at` (unix seconds), leaving `sealed_successor`.
+    AlreadyRotated {
+        session: SessionRecord,
+        rotated_at: u64,
+        sealed_successor: Vec<u8>,
+    },
+    /// Unknown, expired, or its session was revoked.
+    Unknown,
+}
+
+/// Who exchanges a login code with WeChat when several replicas receive it at once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExchangeClaim {
+    /// This caller: exchange it, then [`Store::finish_exchange`].
+    Mine,
+    /// Another caller got there first; its outcome appears under the same key, or the claim
+    /// lapses if it dies.
+    Theirs,
+    /// Already exchanged: the sealed outcome.
+    Done(Vec<u8>),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Keeps `session_key` as the one for (appid, openid), replacing an older one.
+    async fn put_session_key(
+        &self,
+        appid: &str,
+        openid: &str,
+        session_key: &Secret,
+    ) -> Result<(), StoreError>;
+
+    async fn session_key(&self, appid: &str, openid: &str) -> Result<Option<Secret>, StoreError>;
+
+    /// Records a new session whose current refresh token is `refresh`.
+    async fn create_session(
+        &self,
+        session: &SessionRecord,
+        refresh: Digest,
+    ) -> Result<(), StoreError>;
+
+    /// The live session a refresh token belongs to, rotated or not.
+    async fn refresh_session(
+        &self,
+        refresh: Digest,
+        now: u64,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Atomically: if `old` is its session's current token, makes `new` current and keeps
+    /// `sealed_successor` with `old`; otherwise reports what `old` is.
+    async fn rotate_refresh(
+        &self,
+        old: Digest,
+        new: Digest,
+        sealed_successor: &[u8],
+        now: u64,
+    ) -> Result<Rotation, StoreError>;
+
+    /// Ends the session: its refresh tokens stop working, and its sid is listed by
+    /// [`Store::revoked_since`] for `listed_for` (as long as its access tokens can live).
+    async fn revoke_session(&self, sid: &str, listed_for: Duration) -> Result<(), StoreError>;
+
+    /// Sessions revoked after `cursor` (0: all still listed), and the cursor to pass next.
+    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<String>, u64), StoreError>;
+
+    /// Claims the exchange of the code named `code` for `ttl`.
+    async fn claim_exchange(
+        &self,
+        code: Digest,
+        ttl: Duration,
+    ) -> Result<ExchangeClaim, StoreError>;
+
+    /// Publishes the sealed outcome of a claimed exchange for `ttl`.
+    async fn finish_exchange(
+        &self,
+        code: Digest,
+        sealed_outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Answers when the store can serve requests (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the backend the config names.
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match config {
+        StoreConfig::Memory => Ok(Arc::new(MemoryStore::default())),
+        StoreConfig::Embedded { .. } => Err(StoreError(
+            "store.backend = \"embedded\" is not yet supported; use \"memory\"".into(),
+        )),
+        StoreConfig::Redis { .. } => Err(StoreError(
+            "store.backend = \"redis\" is not yet supported; use \"memory\"".into(),
+        )),
+    }
+}

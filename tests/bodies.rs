@@ -1,0 +1,135 @@
+//! Bodies stream through both ways; oversized ones are stopped; a broken or slow upstream gets
+//! a clean JSON error and the gateway goes on serving.
+
+mod common;
+
+use common::{BodySeen, Harness, MAX_BODY, pattern};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn eight_megabyte_response_passes_byte_for_byte() {
+    let gw = Harness::start().await;
+    let len = 8 * 1024 * 1024;
+    let response = gw
+        .client
+        .get(gw.url(&format!("/api/public/bytes/{len}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.len(), len);
+    assert!(body[..] == pattern(len)[..]);
+}
+
+/// Writes a chunked request head and `chunks` on a new connection, then reads the answer.
+async fn send_chunked(gw: &Harness, path: &str, chunks: &[Vec<u8>]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in chunks {
+        // The gateway may answer (and close) before the client is done writing: a failed
+        // write is then expected, and the answer below is what counts.
+        let framed = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk.clone(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        if stream.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no answer head")
+        + 4;
+    let status = String::from_utf8_lossy(&answer[9..12]).parse().unwrap();
+    (status, answer[head_end..].to_vec())
+}
+
+#[tokio::test]
+async fn streamed_request_body_passes_byte_for_byte() {
+    let gw = Harness::start().await;
+    let body = pattern(60 * 1024);
+    let chunks: Vec<Vec<u8>> = body.chunks(4096).map(<[u8]>::to_vec).collect();
+    let (status, echoed) = send_chunked(&gw, "/api/public/echo-body", &chunks).await;
+    assert_eq!(status, 200);
+    assert!(echoed == body, "the echoed body differs from the one sent");
+}
+
+#[tokio::test]
+async fn declared_oversized_body_is_413_and_never_reaches_the_upstream() {
+    let gw = Harness::start().await;
+    let response = gw
+        .client
+        .post(gw.url("/api/public/sink"))
+        .body(vec![7u8; MAX_BODY as usize + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+
+    // The next body the upstream reads is this one: the oversized one never arrived.
+    let response = gw
+        .client
+        .post(gw.url("/api/public/sink"))
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(gw.upstream.next_body().await, BodySeen::Complete(10));
+}
+
+#[tokio::test]
+async fn chunked_body_growing_past_the_limit_is_413_and_aborted_upstream() {
+    let gw = Harness::start().await;
+    let chunks: Vec<Vec<u8>> = (0..(2 * MAX_BODY / 4096))
+        .map(|_| vec![9u8; 4096])
+        .collect();
+    let (status, body) = send_chunked(&gw, "/api/public/sink", &chunks).await;
+    assert_eq!(status, 413);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    match gw.upstream.next_body().await {
+        BodySeen::Aborted(read) => assert!(read as u64 <= MAX_BODY),
+        complete => panic!("the upstream saw the body end as if it were complete: {complete:?}"),
+    }
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504() {
+    let gw = Harness::start().await;
+    let (status, body) = gw.get("/down/x", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+    let (status, body) = gw.get("/hurry/slow", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("upstream_timeout"))
+    );
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn shutdown_returns_once_drained() {
+    let gw = Harness::start().await;
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+    gw.shutdown().await;
+}

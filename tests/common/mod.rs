@@ -1,0 +1,467 @@
+//! The harness every integration test uses: the real gateway, the mock WeChat and a test
+//! upstream, each on 127.0.0.1:0, spoken to over HTTP.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, oneshot};
+
+use wxgate::mock::wechat::MockWechat;
+use wxgate::{Config, State};
+
+pub const APPID: &str = "wx0000000000000a01";
+pub const OTHER_APPID: &str = "wx0000000000000b02";
+pub const APP_SECRET: &str = "app-secret-never-in-logs-7f3a9c";
+pub const JWT_SECRET: &str = "jwt-secret-never-in-logs-0123456789abcdef";
+pub const MAX_BODY: u64 = 64 * 1024;
+
+/// WeChat's published open-data sample: appid `wx4f4bc4dec97d474b`, session_key
+/// `tiihtNczf5v6AKRyjwEUhQ==`, iv `r7BXXKkLb8qrSNn05n0qiA==`; it decrypts to the user `Band`.
+pub const OFFICIAL_SAMPLE_ENCRYPTED_DATA: &str = "CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC+oNPdbB+3hVbJSRgv+4lGOETKUQz6OYStslQ142dNCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1poOFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn/Hz7saL8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAYB6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns/8wR2SiRS7MNACwTyrGvt9ts8p12PKFdlqYTopNHR1Vf7XjfhQlVsAJdNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb/XcxxmK01EpqOyuxINew==";
+
+/// What the test upstream saw of a request body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodySeen {
+    Complete(usize),
+    Aborted(usize),
+}
+
+/// The upstream behind the gateway. Paths pick its behaviour:
+/// `/…/slow` never answers in time, `/…/bytes/N` answers N bytes, `/…/echo-body` answers the
+/// request body, `/…/sink` reads the body and records what it saw; anything else answers the
+/// request line and headers as JSON.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<BodySeen>>>,
+    body_seen: Arc<Notify>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let body_seen = Arc::new(Notify::new());
+        let (bodies2, seen2) = (bodies.clone(), body_seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (bodies, seen) = (bodies2.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        upstream_answer(request, bodies.clone(), seen.clone())
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            bodies,
+            body_seen,
+        }
+    }
+
+    /// Waits until the upstream has finished reading one more body, and returns what it saw.
+    pub async fn next_body(&self) -> BodySeen {
+        loop {
+            let notified = self.body_seen.notified();
+            if let Some(seen) = self.bodies.lock().unwrap().pop() {
+                return seen;
+            }
+            tokio::time::timeout(Duration::from_secs(10), notified)
+                .await
+                .expect("the upstream never finished reading a body");
+        }
+    }
+}
+
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn upstream_answer(
+    request: Request<Incoming>,
+    bodies: Arc<Mutex<Vec<BodySeen>>>,
+    seen: Arc<Notify>,
+) -> Result<Response<UpstreamBody>, Infallible> {
+    let path = request.uri().path().to_string();
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    if let Some(count) = path
+        .rsplit_once("/bytes/")
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+    {
+        let chunks = pattern(count)
+            .chunks(64 * 1024)
+            .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(chunk))))
+            .collect::<Vec<_>>();
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if path.ends_with("/echo-body") {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Ok(Response::new(Full::new(body).boxed()));
+    }
+    if path.ends_with("/sink") {
+        let mut body = request.into_body();
+        let mut read = 0;
+        let outcome = loop {
+            match body.frame().await {
+                None => break BodySeen::Complete(read),
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(_)) => break BodySeen::Aborted(read),
+            }
+        };
+        bodies.lock().unwrap().push(outcome);
+        seen.notify_one();
+        return Ok(Response::new(
+            Full::new(Bytes::from_static(b"sunk")).boxed(),
+        ));
+    }
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let echo = serde_json::json!({
+        "method": request.method().as_str(),
+        "uri": request.uri().to_string(),
+        "headers": headers,
+    });
+    let mut response = Response::new(Full::new(Bytes::from(echo.to_string())).boxed());
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(response)
+}
+
+/// Deterministic bytes, so a body can be compared without keeping a copy.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The whole system under test.
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub mock: Arc<MockWechat>,
+    pub mock_addr: SocketAddr,
+    pub upstream: Upstream,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    stopped: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Harnesses whose mock this one borrowed, kept running as long as this one.
+    lenders: Vec<Harness>,
+}
+
+/// Extra TOML appended to the default test config (more routes, or whole sections replacing
+/// nothing the default sets).
+pub struct Setup {
+    pub server_extra: String,
+    pub wechat_hosts: Option<Vec<String>>,
+    pub wechat_timeout: &'static str,
+    pub extra_apps: bool,
+    /// One more app, by appid (the official open-data sample's).
+    pub sample_app: Option<&'static str>,
+    /// Whole sections appended to the file.
+    pub sections: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            server_extra: String::new(),
+            wechat_hosts: None,
+            wechat_timeout: "2s",
+            extra_apps: false,
+            sample_app: None,
+            sections: String::new(),
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(Setup::default()).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Harness {
+        let mock = MockWechat::new();
+        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock_addr = mock_listener.local_addr().unwrap();
+        tokio::spawn(mock.clone().serve(mock_listener));
+        let upstream = Upstream::start().await;
+
+        let text = config_text(&setup, mock_addr, upstream.addr);
+        let config = Config::parse(&text, Path::new("/nonexistent/test.toml"), &|_| None)
+            .unwrap_or_else(|err| panic!("test config invalid:\n{err}"));
+        let state = State::shared(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped_signal) = oneshot::channel::<()>();
+        let stopped = tokio::spawn(wxgate::run(listener, state, async move {
+            let _ = stopped_signal.await;
+        }));
+        Harness {
+            addr,
+            mock,
+            mock_addr,
+            upstream,
+            client: http_client(),
+            stop: Some(stop),
+            stopped: Some(stopped),
+            lenders: Vec::new(),
+        }
+    }
+
+    /// Counts and answers through `lender`'s mock WeChat from now on (the config must point
+    /// at it), so tests can count what reached one mock from several gateways or hosts.
+    pub fn sharing_mock_of(mut self, lender: Harness) -> Harness {
+        self.mock = lender.mock.clone();
+        self.mock_addr = lender.mock_addr;
+        self.lenders.push(lender);
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Logs in with `code` and returns the whole token response.
+    pub async fn login(&self, code: &str) -> serde_json::Value {
+        let response = self.login_raw(serde_json::json!({ "code": code })).await;
+        assert_eq!(response.0, 200, "login failed: {}", response.1);
+        response.1
+    }
+
+    /// Posts `body` to `/auth/login`: (status, JSON body).
+    pub async fn login_raw(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .post(self.url("/auth/login"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn token(&self, code: &str) -> String {
+        self.login(code).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// GET `path` with extra headers: (status, JSON body or null).
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        let mut request = self.client.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Sends `raw` as is on a new connection and returns the status and the body of the answer.
+    /// For requests a well-behaved client would refuse to send (dot-segments, odd header
+    /// spellings). Answers must carry a Content-Length, as the gateway's own and the upstream's
+    /// JSON answers do.
+    pub async fn raw(&self, raw: &str) -> (u16, serde_json::Value) {
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 8192];
+        let head_end = loop {
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "connection closed before the answer's head");
+            answer.extend_from_slice(&buffer[..read]);
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+        let status: u16 = head[9..12].parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().unwrap())
+            })
+            .expect("answer without Content-Length");
+        while answer.len() < head_end + length {
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "connection closed inside the body");
+            answer.extend_from_slice(&buffer[..read]);
+        }
+        let body = &answer[head_end..head_end + length];
+        (
+            status,
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Stops accepting, drains, and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.stopped.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A plain HTTP client for talking to the servers under test.
+pub fn http_client() -> reqwest::Client {
+    // reqwest is built without a bundled TLS crypto provider (see wechat/mod.rs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// The headers the echo upstream reported, lower-cased names.
+pub fn echoed_header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    echo["headers"]
+        .as_array()
+        .map(|headers| {
+            headers
+                .iter()
+                .filter(|pair| pair[0].as_str() == Some(name))
+                .filter_map(|pair| pair[1].as_str())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn config_text(setup: &Setup, mock: SocketAddr, upstream: SocketAddr) -> String {
+    let hosts = setup
+        .wechat_hosts
+        .clone()
+        .unwrap_or_else(|| vec![format!("http://{mock}")]);
+    let hosts = hosts
+        .iter()
+        .map(|h| format!("\"{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut extra_app = String::new();
+    if setup.extra_apps {
+        extra_app +=
+            &format!("\n[[wechat.apps]]\nappid = \"{OTHER_APPID}\"\nsecret = \"{APP_SECRET}-b\"\n");
+    }
+    if let Some(appid) = setup.sample_app {
+        extra_app +=
+            &format!("\n[[wechat.apps]]\nappid = \"{appid}\"\nsecret = \"{APP_SECRET}-s\"\n");
+    }
+    let server_extra = &setup.server_extra;
+    let timeout = setup.wechat_timeout;
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = ""
+max_body_bytes = {MAX_BODY}
+{server_extra}
+
+[wechat]
+hosts = [{hosts}]
+timeout = "{timeout}"
+
+[[wechat.apps]]
+appid = "{APPID}"
+secret = "{APP_SECRET}"
+{extra_app}
+[token]
+secret = "{JWT_SECRET}"
+access_ttl = "2h"
+leeway = "5s"
+
+[store]
+backend = "memory"
+
+[[routes]]
+path = "/api/"
+upstream = "http://{upstream}"
+auth = "required"
+
+[[routes]]
+path = "/api/public/"
+upstream = "http://{upstream}"
+auth = "public"
+
+[[routes]]
+path = "/api/optional/"
+upstream = "http://{upstream}"
+auth = "optional"
+
+[[routes]]
+path = "/api/get-only/"
+upstream = "http://{upstream}"
+auth = "required"
+methods = ["GET"]
+
+[[routes]]
+path = "/api/app-a/"
+upstream = "http://{upstream}"
+auth = "required"
+apps = ["{APPID}"]
+
+[[routes]]
+path = "/strip/"
+upstream = "http://{upstream}"
+auth = "public"
+strip_prefix = true
+
+[[routes]]
+path = "/hurry/"
+upstream = "http://{upstream}"
+auth = "public"
+timeout = "300ms"
+
+[[routes]]
+path = "/down/"
+upstream = "http://{closed}"
+auth = "public"
+"#,
+        closed = closed_port_addr(),
+    ) + &setup.sections
+}
+
+/// An address where nothing listens: bound once, then released.
+pub fn closed_port_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
