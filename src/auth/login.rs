@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::refresh::{new_refresh_token, token_response};
-use super::{json_response, read_json, store_failed};
+use super::{check_code, json_response, malformed_open_data, read_json, store_failed};
 use crate::config::AppConfig;
 use crate::error::Error;
 use crate::proxy::client_ip;
@@ -31,9 +31,6 @@ pub(super) struct LoginRequest {
     signature: Option<String>,
 }
 
-/// Real codes are 32 characters; anything far longer is not a code and is not sent on.
-const MAX_CODE_LEN: usize = 256;
-
 pub(super) async fn login(
     state: &State,
     request: Request<Incoming>,
@@ -44,11 +41,7 @@ pub(super) async fn login(
         limiter.check(client_ip(trusted, peer.ip(), request.headers()))?;
     }
     let body: LoginRequest = read_json(request, state.config.server.max_body_bytes).await?;
-    if body.code.is_empty() || body.code.len() > MAX_CODE_LEN {
-        return Err(Error::BadRequest(
-            "code must be the non-empty code that wx.login gave".into(),
-        ));
-    }
+    check_code(&body.code)?;
     let app = resolve_app(state, body.appid.as_deref())?;
     let session = state
         .services
@@ -60,9 +53,7 @@ pub(super) async fn login(
         (Some(encrypted), Some(iv)) => Some(
             decrypt_open_data(&session.session_key, encrypted, iv, &app.appid).map_err(|err| {
                 match err {
-                    OpenDataError::Malformed => Error::BadRequest(
-                        "encryptedData and iv must be base64, and iv 16 bytes".into(),
-                    ),
+                    OpenDataError::Malformed => malformed_open_data(),
                     OpenDataError::Undecryptable | OpenDataError::ForeignWatermark => {
                         Error::InvalidEncryptedData
                     }

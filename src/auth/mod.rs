@@ -50,9 +50,12 @@ pub async fn handle(
         "/me" if method == Method::GET => session::me(state, request.headers()),
         "/verify" => session::verify(state, request.headers()),
         "/decrypt" if method == Method::POST => open_data::decrypt(state, request).await,
+        "/phone" if method == Method::POST => open_data::phone(state, request).await,
         "/refresh" if method == Method::POST => refresh::refresh(state, request).await,
         "/logout" if method == Method::POST => refresh::logout(state, request.headers()).await,
-        "/login" | "/me" | "/decrypt" | "/refresh" | "/logout" => Err(Error::MethodNotAllowed),
+        "/login" | "/me" | "/decrypt" | "/phone" | "/refresh" | "/logout" => {
+            Err(Error::MethodNotAllowed)
+        }
         _ => Err(Error::NoRoute),
     }
 }
@@ -154,6 +157,24 @@ fn describe_json_error(err: serde_json::Error) -> Error {
         _ => "the request body is not valid JSON".to_string(),
     };
     Error::BadRequest(message)
+}
+
+/// Real codes (login and phone) are 32 characters; anything far longer is not a code and is
+/// not sent on.
+const MAX_CODE_LEN: usize = 256;
+
+fn check_code(code: &str) -> Result<(), Error> {
+    if code.is_empty() || code.len() > MAX_CODE_LEN {
+        return Err(Error::BadRequest(
+            "code must be the non-empty code that WeChat gave the mini-program".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Open data that is not even well-formed is the client's mistake, wherever it is sent.
+fn malformed_open_data() -> Error {
+    Error::BadRequest("encryptedData and iv must be base64, and iv 16 bytes".into())
 }
 
 fn store_failed(err: crate::store::StoreError) -> Error {

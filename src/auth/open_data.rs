@@ -1,5 +1,5 @@
-//! `POST /auth/decrypt`: open data decrypted with the caller's stored session_key, which never
-//! leaves the gateway.
+//! `POST /auth/decrypt` (open data decrypted with the caller's stored session_key, which never
+//! leaves the gateway) and `POST /auth/phone`.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -7,7 +7,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::{json_response, read_json, require_token, store_failed};
+use super::{
+    check_code, json_response, malformed_open_data, read_json, require_token, store_failed,
+};
 use crate::error::Error;
 use crate::state::State;
 use crate::wechat::crypto::{OpenDataError, decrypt_open_data};
@@ -34,13 +36,39 @@ pub(super) async fn decrypt(
         .ok_or(Error::SessionKeyStale)?;
     let data = decrypt_open_data(&session_key, &body.encrypted_data, &body.iv, &claims.appid)
         .map_err(|err| match err {
-            OpenDataError::Malformed => {
-                Error::BadRequest("encryptedData and iv must be base64, and iv 16 bytes".into())
-            }
+            OpenDataError::Malformed => malformed_open_data(),
             // Padding or JSON failing with the newest key means the data was sealed with an
             // older one: a later wx.login rotated it.
             OpenDataError::Undecryptable => Error::SessionKeyStale,
             OpenDataError::ForeignWatermark => Error::InvalidEncryptedData,
         })?;
     json_response(StatusCode::OK, &serde_json::json!({ "data": data }))
+}
+
+#[derive(Deserialize)]
+struct PhoneRequest {
+    code: String,
+}
+
+/// `POST /auth/phone`: a `getPhoneNumber` code in, the caller's phone number out.
+pub(super) async fn phone(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let claims = require_token(state, request.headers())?;
+    let body: PhoneRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    check_code(&body.code)?;
+    let app = state
+        .config
+        .wechat
+        .apps
+        .iter()
+        .find(|app| app.appid == claims.appid)
+        .ok_or(Error::ForbiddenApp)?;
+    let number = state
+        .services
+        .wechat
+        .phone_number(&state.config.wechat, app, &body.code)
+        .await?;
+    json_response(StatusCode::OK, &number)
 }

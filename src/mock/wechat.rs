@@ -26,12 +26,18 @@ use crate::wechat::crypto::encrypt_open_data;
 /// How long the `slow` code makes the mock wait: longer than any sane client timeout.
 const SLOW_ANSWER: Duration = Duration::from_secs(30);
 
-/// Bodies of `/mock/encrypt` larger than this are refused.
-const MAX_ENCRYPT_BODY: usize = 1 << 20;
+/// Request bodies larger than this are refused.
+const MAX_BODY: usize = 1 << 20;
+
+/// Lifetime of the access tokens the mock hands out, like WeChat's.
+const ACCESS_TOKEN_TTL_SECS: u64 = 7200;
 
 #[derive(Default)]
 pub struct MockWechat {
     code2session_calls: AtomicU64,
+    stable_token_calls: AtomicU64,
+    forced_refreshes: AtomicU64,
+    phone_calls: AtomicU64,
     state: Mutex<MockState>,
 }
 
@@ -45,6 +51,10 @@ struct MockState {
     users: HashMap<String, (String, String)>,
     /// (appid, user) → a session_key set by [`MockWechat::pin_session_key`].
     pinned: HashMap<(String, String), String>,
+    /// appid → its live access token.
+    access_tokens: HashMap<String, String>,
+    /// (appid, phone code) pairs already used.
+    used_phone_codes: HashSet<(String, String)>,
 }
 
 impl MockWechat {
@@ -64,6 +74,38 @@ impl MockWechat {
     /// Requests to code2Session so far, answered or not.
     pub fn code2session_calls(&self) -> u64 {
         self.code2session_calls.load(Ordering::SeqCst)
+    }
+
+    /// Requests to the stable-token API so far.
+    pub fn stable_token_calls(&self) -> u64 {
+        self.stable_token_calls.load(Ordering::SeqCst)
+    }
+
+    /// Stable-token requests that asked for `force_refresh`.
+    pub fn forced_refreshes(&self) -> u64 {
+        self.forced_refreshes.load(Ordering::SeqCst)
+    }
+
+    /// Requests to `getuserphonenumber` so far.
+    pub fn phone_calls(&self) -> u64 {
+        self.phone_calls.load(Ordering::SeqCst)
+    }
+
+    /// Kills `appid`'s access token, as another server forcing a refresh would: calls with
+    /// it get 40001, and the next stable-token request gets a new one.
+    pub fn kill_access_token(&self, appid: &str) {
+        self.lock().access_tokens.remove(appid);
+    }
+
+    /// The phone number a `getPhoneNumber` code's user has: a mainland number derived from
+    /// the user, so tests can predict it.
+    pub fn phone_for(code: &str) -> String {
+        let digest = Sha256::digest(format!("phone\0{}", user_of(code)));
+        let digits: String = digest[..8]
+            .iter()
+            .map(|byte| char::from(b'0' + byte % 10))
+            .collect();
+        format!("138{digits}")
     }
 
     /// The openid a code's user has under `appid`.
@@ -119,6 +161,15 @@ impl MockWechat {
                 self.code2session_calls.fetch_add(1, Ordering::SeqCst);
                 let query = request.uri().query().unwrap_or("");
                 self.code2session(query).await
+            }
+            (&Method::POST, "/cgi-bin/stable_token") => {
+                self.stable_token_calls.fetch_add(1, Ordering::SeqCst);
+                self.stable_token(request).await
+            }
+            (&Method::POST, "/wxa/business/getuserphonenumber") => {
+                self.phone_calls.fetch_add(1, Ordering::SeqCst);
+                let query = request.uri().query().unwrap_or("").to_string();
+                self.phone_number(&query, request).await
             }
             (&Method::POST, "/mock/encrypt") => self.encrypt(request).await,
             _ => text(StatusCode::NOT_FOUND, &errcode(-1, "not found")),
@@ -176,6 +227,99 @@ impl MockWechat {
         text(StatusCode::OK, &answer.to_string())
     }
 
+    async fn stable_token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        #[derive(Deserialize)]
+        struct StableTokenRequest {
+            grant_type: String,
+            appid: String,
+            secret: String,
+            #[serde(default)]
+            force_refresh: bool,
+        }
+        let Some(request) = read_json::<StableTokenRequest>(request).await else {
+            return text(StatusCode::OK, &errcode(47001, "data format error"));
+        };
+        if request.grant_type != "client_credential" || request.secret.is_empty() {
+            return text(
+                StatusCode::OK,
+                &errcode(40002, "invalid grant_type or secret"),
+            );
+        }
+        if request.force_refresh {
+            self.forced_refreshes.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut state = self.lock();
+        if request.force_refresh {
+            state.access_tokens.remove(&request.appid);
+        }
+        let token = state
+            .access_tokens
+            .entry(request.appid)
+            .or_insert_with(|| {
+                let mut raw = [0u8; 24];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+                URL_SAFE_NO_PAD.encode(raw)
+            })
+            .clone();
+        text(
+            StatusCode::OK,
+            &json!({ "access_token": token, "expires_in": ACCESS_TOKEN_TTL_SECS }).to_string(),
+        )
+    }
+
+    async fn phone_number(&self, query: &str, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        #[derive(Deserialize)]
+        struct PhoneRequest {
+            code: String,
+        }
+        let token = form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name == "access_token")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        let appid = self
+            .lock()
+            .access_tokens
+            .iter()
+            .find(|(_, live)| **live == token)
+            .map(|(appid, _)| appid.clone());
+        let Some(appid) = appid else {
+            return text(
+                StatusCode::OK,
+                &errcode(
+                    40001,
+                    "invalid credential, access_token is invalid or not latest",
+                ),
+            );
+        };
+        let Some(PhoneRequest { code }) = read_json::<PhoneRequest>(request).await else {
+            return text(StatusCode::OK, &errcode(47001, "data format error"));
+        };
+        match code.as_str() {
+            "invalid" => return text(StatusCode::OK, &errcode(40029, "invalid code")),
+            "busy" => return text(StatusCode::OK, &errcode(-1, "system error")),
+            _ => {}
+        }
+        if !self
+            .lock()
+            .used_phone_codes
+            .insert((appid.clone(), code.clone()))
+        {
+            return text(StatusCode::OK, &errcode(40029, "invalid code"));
+        }
+        let number = Self::phone_for(&code);
+        let answer = json!({
+            "errcode": 0,
+            "errmsg": "ok",
+            "phone_info": {
+                "phoneNumber": number,
+                "purePhoneNumber": number,
+                "countryCode": "86",
+                "watermark": { "appid": appid, "timestamp": crate::token::unix_now() },
+            },
+        });
+        text(StatusCode::OK, &answer.to_string())
+    }
+
     async fn encrypt(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         #[derive(Deserialize)]
         struct EncryptRequest {
@@ -183,14 +327,7 @@ impl MockWechat {
             openid: String,
             data: serde_json::Map<String, Value>,
         }
-        let body = match Limited::new(request.into_body(), MAX_ENCRYPT_BODY)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(_) => return text(StatusCode::BAD_REQUEST, &errcode(40001, "unreadable body")),
-        };
-        let Ok(request) = serde_json::from_slice::<EncryptRequest>(&body) else {
+        let Some(request) = read_json::<EncryptRequest>(request).await else {
             return text(
                 StatusCode::BAD_REQUEST,
                 &errcode(47001, "body must be {appid, openid, data: {...}}"),
@@ -238,6 +375,14 @@ pub async fn run_standalone(listen: SocketAddr) -> anyhow::Result<()> {
         () = crate::server::shutdown_signal() => {}
     }
     Ok(())
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Option<T> {
+    let body = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .ok()?;
+    serde_json::from_slice(&body.to_bytes()).ok()
 }
 
 /// The user a code stands for: the code less a trailing `-<digits>`, so that `alice`,

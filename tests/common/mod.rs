@@ -39,7 +39,7 @@ pub enum BodySeen {
     Aborted(usize),
 }
 
-/// The upstream behind the gateway. Paths pick its behaviour:
+/// The upstream behind the gateway. Paths pick its behaviour: `/status/503…` answers 503,
 /// `/…/slow` never answers in time, `/…/bytes/N` answers N bytes, `/…/echo-body` answers the
 /// request body, `/…/sink` reads the body and records what it saw; anything else answers the
 /// request line and headers as JSON.
@@ -101,6 +101,11 @@ async fn upstream_answer(
     seen: Arc<Notify>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
     let path = request.uri().path().to_string();
+    if path.starts_with("/status/503") {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"unavailable")).boxed());
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(response);
+    }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
@@ -170,6 +175,8 @@ pub fn pattern(len: usize) -> Vec<u8> {
 /// The whole system under test.
 pub struct Harness {
     pub addr: SocketAddr,
+    /// The gateway's state, for reaching its store directly.
+    pub state: wxgate::SharedState,
     pub mock: Arc<MockWechat>,
     pub mock_addr: SocketAddr,
     pub upstream: Upstream,
@@ -225,11 +232,12 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped_signal) = oneshot::channel::<()>();
-        let stopped = tokio::spawn(wxgate::run(listener, state, async move {
+        let stopped = tokio::spawn(wxgate::run(listener, state.clone(), async move {
             let _ = stopped_signal.await;
         }));
         Harness {
             addr,
+            state,
             mock,
             mock_addr,
             upstream,
@@ -283,6 +291,31 @@ impl Harness {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// POSTs a JSON `body` to `path`, with a bearer `token` when given: (status, JSON body or
+    /// null).
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// GET `path` with extra headers: (status, JSON body or null).
