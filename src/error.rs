@@ -10,7 +10,8 @@ use serde::Serialize;
 
 /// Everything that can stop a request. Messages are fixed sentences or built from values the
 /// gateway chose itself, never from a secret, a code or a token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// They serialize so that one replica can hand a WeChat outcome to others through the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
 pub enum Error {
     #[error("{0}")]
     BadRequest(String),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::auth::LoginLimiter;
+use crate::auth::{Exchanges, LoginLimiter};
 use crate::config::{Config, ConfigError, Problem};
 use crate::identity::IdentityRules;
 use crate::proxy::UpstreamClient;
@@ -29,6 +29,9 @@ pub struct State {
 /// What outlives a reload: connections, caches and the store.
 pub struct Services {
     pub store: Arc<dyn Store>,
+    pub exchanges: Exchanges,
+    /// For the login hook: the business API, not WeChat.
+    pub hook_client: reqwest::Client,
     pub revocations: Arc<Revocations>,
     pub wechat: WechatClient,
     pub upstream: UpstreamClient,
@@ -47,10 +50,17 @@ impl Services {
             config.token.access_ttl + config.token.leeway,
         ));
         revocations.spawn_sync(store.clone());
+        let wechat = WechatClient::new();
+        let hook_client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("an HTTP client with default settings always builds");
         Ok(Services {
             store,
+            exchanges: Exchanges::default(),
+            hook_client,
             revocations,
-            wechat: WechatClient::new(),
+            wechat,
             upstream: UpstreamClient::default(),
         })
     }
@@ -62,14 +72,6 @@ impl State {
         let keys = TokenKeys::from_config(&config.token).map_err(|problem| ConfigError {
             problems: vec![problem],
         })?;
-        if config.login_hook.is_some() {
-            return Err(ConfigError {
-                problems: vec![Problem {
-                    key: "login_hook".into(),
-                    message: "the login hook is not yet supported; remove the section".into(),
-                }],
-            });
-        }
         Ok(State {
             routes: RouteTable::new(&config.routes),
             identity: IdentityRules::new(&config.identity),

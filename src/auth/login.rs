@@ -8,6 +8,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use super::hook::{self, LoginFacts};
 use super::refresh::{new_refresh_token, token_response};
 use super::{check_code, json_response, malformed_open_data, read_json, store_failed};
 use crate::config::AppConfig;
@@ -45,8 +46,8 @@ pub(super) async fn login(
     let app = resolve_app(state, body.appid.as_deref())?;
     let session = state
         .services
-        .wechat
-        .code2session(&state.config.wechat, app, &body.code)
+        .exchanges
+        .exchange(state, app, &body.code)
         .await?;
 
     let user = match (&body.encrypted_data, &body.iv) {
@@ -86,13 +87,25 @@ pub(super) async fn login(
         .put_session_key(&app.appid, &session.openid, &session.session_key)
         .await
         .map_err(store_failed)?;
+    let claims = match &state.config.login_hook {
+        Some(hook) => {
+            let facts = LoginFacts {
+                appid: &app.appid,
+                openid: &session.openid,
+                unionid: session.unionid.as_deref(),
+                user: user.as_ref(),
+            };
+            hook::ask(&state.services.hook_client, hook, &facts).await?
+        }
+        None => serde_json::Map::new(),
+    };
     let now = unix_now();
     let record = SessionRecord {
         sid: uuid::Uuid::new_v4().simple().to_string(),
         appid: app.appid.clone(),
         openid: session.openid.clone(),
         unionid: session.unionid.clone(),
-        claims: serde_json::Map::new(),
+        claims,
         expires_at: now + state.config.token.refresh_ttl.as_secs(),
     };
     let (refresh_token, refresh_name) = new_refresh_token();

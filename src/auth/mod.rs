@@ -1,12 +1,15 @@
 //! The gateway's own endpoints under `auth_path` (SPEC §3), and the bearer-token decision that
 //! every route makes before proxying.
 
+mod exchange;
+mod hook;
 mod limit;
 mod login;
 mod open_data;
 mod refresh;
 mod session;
 
+pub use exchange::Exchanges;
 pub use limit::LoginLimiter;
 
 use std::net::SocketAddr;

@@ -126,6 +126,12 @@ pub trait Store: Send + Sync {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
+    /// True when other processes share this store (replicas), so that what must happen once
+    /// across all of them (a code exchange) has to be agreed on through it.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Answers when the store can serve requests (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -1,18 +1,15 @@
 //! The WeChat client (SPEC §7): hosts tried in order, retries that never resend a code that may
-//! have reached WeChat, errcode mapping, the exchange cache that makes a double-posted code reach
-//! WeChat once, stable access tokens, and phone numbers.
+//! have reached WeChat, errcode mapping, stable access tokens, and phone numbers.
 
 mod access_token;
 pub mod crypto;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::RequestBuilder;
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::config::{AppConfig, Secret, WechatConfig};
 use crate::error::Error;
@@ -34,10 +31,6 @@ pub struct PhoneNumber {
     pub pure_phone_number: String,
     pub country_code: String,
 }
-
-/// How long a successful exchange is remembered, so a double tap or a client retry with the
-/// same code gets a session instead of WeChat's "code been used" (SPEC §7).
-const EXCHANGE_MEMORY: Duration = Duration::from_secs(300);
 
 /// Pauses before the two retries of an answer of -1 (system busy): about a second in all.
 const BUSY_BACKOFF: [Duration; 2] = [Duration::from_millis(250), Duration::from_millis(600)];
@@ -69,11 +62,9 @@ enum Failure {
     BadAnswer,
 }
 
-/// Long-lived: kept across config reloads so the caches and the connection pool survive.
+/// Long-lived: kept across config reloads so the token cache and the connection pool survive.
 pub struct WechatClient {
     http: reqwest::Client,
-    /// Keyed by appid and the SHA-256 of the code: the cache never holds a usable code.
-    exchanges: moka::future::Cache<(String, [u8; 32]), Arc<Code2Session>>,
     access_tokens: AccessTokens,
 }
 
@@ -94,32 +85,12 @@ impl WechatClient {
             .expect("an HTTP client with default settings always builds");
         WechatClient {
             http,
-            exchanges: moka::future::Cache::builder()
-                .time_to_live(EXCHANGE_MEMORY)
-                .max_capacity(1_000_000)
-                .build(),
             access_tokens: AccessTokens::default(),
         }
     }
 
-    /// Exchanges a `wx.login` code. The same (app, code) within 5 minutes reaches WeChat once:
-    /// concurrent callers share the one exchange's outcome, and a success is remembered.
-    pub async fn code2session(
-        &self,
-        settings: &WechatConfig,
-        app: &AppConfig,
-        code: &str,
-    ) -> Result<Arc<Code2Session>, Error> {
-        let key = (app.appid.clone(), Sha256::digest(code.as_bytes()).into());
-        self.exchanges
-            .try_get_with(key, async {
-                self.exchange_code(settings, app, code).await.map(Arc::new)
-            })
-            .await
-            .map_err(|shared: Arc<Error>| (*shared).clone())
-    }
-
-    /// One exchange with WeChat, without the cache.
+    /// Exchanges a `wx.login` code with WeChat. Callers make sure a code is exchanged once
+    /// (see `auth::exchange`).
     pub async fn exchange_code(
         &self,
         settings: &WechatConfig,

@@ -40,7 +40,7 @@ pub enum BodySeen {
 }
 
 /// The upstream behind the gateway. Paths pick its behaviour: `/status/503…` answers 503,
-/// `/…/slow` never answers in time, `/…/bytes/N` answers N bytes, `/…/echo-body` answers the
+/// `/hook/<verdict>` plays a login hook, `/…/slow` never answers in time, `/…/bytes/N` answers N bytes, `/…/echo-body` answers the
 /// request body, `/…/sink` reads the body and records what it saw; anything else answers the
 /// request line and headers as JSON.
 pub struct Upstream {
@@ -106,6 +106,9 @@ async fn upstream_answer(
         *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
         return Ok(response);
     }
+    if let Some(verdict) = path.strip_prefix("/hook/") {
+        return Ok(hook_answer(verdict, request).await);
+    }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
@@ -167,6 +170,36 @@ async fn upstream_answer(
     Ok(response)
 }
 
+/// A login hook: `allow` adds claims (one of them reserved, which must be dropped, and one
+/// echoing the openid it was told), `deny` refuses, `garbage` answers what is not JSON.
+async fn hook_answer(verdict: &str, request: Request<Incoming>) -> Response<UpstreamBody> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let told: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (status, answer) = match verdict {
+        "allow" => (
+            200,
+            serde_json::json!({"claims": {
+                "uid": 42,
+                "role": "admin",
+                "seen_openid": told["openid"],
+                "seen_nick": told["user"]["nickName"],
+                "sub": "forged-subject",
+            }})
+            .to_string(),
+        ),
+        "deny" => (403, "{}".to_string()),
+        _ => (200, "<html>oops</html>".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(answer)).boxed());
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    response
+}
+
 /// Deterministic bytes, so a body can be compared without keeping a copy.
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
@@ -196,7 +229,8 @@ pub struct Setup {
     pub extra_apps: bool,
     /// One more app, by appid (the official open-data sample's).
     pub sample_app: Option<&'static str>,
-    /// Whole sections appended to the file.
+    /// Whole sections appended to the file; `{upstream}` stands for the test upstream's
+    /// address.
     pub sections: String,
 }
 
@@ -490,7 +524,7 @@ upstream = "http://{closed}"
 auth = "public"
 "#,
         closed = closed_port_addr(),
-    ) + &setup.sections
+    ) + &setup.sections.replace("{upstream}", &upstream.to_string())
 }
 
 /// An address where nothing listens: bound once, then released.
