@@ -59,6 +59,11 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may sit idle between requests: what cuts off a slowloris client.
+    pub header_timeout: Duration,
+    /// Client connections served at once; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -471,6 +476,8 @@ struct RawServer {
     max_body_bytes: Option<i64>,
     shutdown_grace: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    header_timeout: Option<String>,
+    max_connections: Option<i64>,
 }
 
 /// `[wechat]` without its `apps`, which are read one by one so each problem names its index.
@@ -829,6 +836,21 @@ fn validate_server(raw: RawServer, problems: &mut Problems) -> ServerConfig {
             problems,
         ),
         trusted_proxies,
+        header_timeout: duration(
+            raw.header_timeout.as_deref(),
+            "30s",
+            true,
+            "server.header_timeout",
+            problems,
+        ),
+        max_connections: integer(
+            raw.max_connections,
+            25_000_usize,
+            1,
+            1_000_000,
+            "server.max_connections",
+            problems,
+        ),
     }
 }
 

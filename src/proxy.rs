@@ -9,13 +9,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONNECTION, HOST};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Version};
+use http::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
 
 use crate::config::AuthMode;
@@ -77,6 +78,11 @@ pub async fn forward(
     request_id: &HeaderValue,
 ) -> Result<Response<Incoming>, Error> {
     let uri = route.upstream_uri(request.uri())?;
+    let mut request = request;
+    // The protocol a client asks to switch to (WebSocket, most often), and the client side
+    // of the connection once it is switched.
+    let upgrade = requested_upgrade(request.headers())
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
     let (mut parts, body) = request.into_parts();
     // An HTTP/2 client sends `:authority` instead of `Host`; the upstream speaks HTTP/1.1 and
     // must still see the original host.
@@ -101,6 +107,11 @@ pub async fn forward(
     if let Some(host) = host {
         headers.insert(HOST, host);
     }
+    // Hop-by-hop by nature, but an upgrade is asked of the upstream on the client's behalf.
+    if let Some((protocol, _)) = &upgrade {
+        headers.insert(UPGRADE, protocol.clone());
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
 
@@ -120,7 +131,54 @@ pub async fn forward(
         Ok(Ok(response)) => response,
     };
     remove_hop_by_hop(response.headers_mut());
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some((protocol, client)) = upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        let headers = response.headers_mut();
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        let expires = identity.map(|claims| claims.exp);
+        tokio::spawn(tunnel(client, upstream, expires, route.config.path.clone()));
+    }
     Ok(response)
+}
+
+/// The protocol named by `Upgrade` when `Connection` asks for an upgrade.
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Carries bytes both ways once both sides have switched protocols. A tunnel opened with a
+/// token closes when the token expires: the decision made at upgrade time does not outlive it.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, expires: Option<u64>, route: String) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(err) => {
+            tracing::debug!(%route, error = %err, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    match expires {
+        Some(exp) => {
+            let left = Duration::from_secs(exp.saturating_sub(crate::token::unix_now()));
+            if tokio::time::timeout(left, copying).await.is_err() {
+                tracing::info!(%route, "upgraded connection closed: its token expired");
+            }
+        }
+        None => {
+            let _ = copying.await;
+        }
+    }
 }
 
 /// Drops the fixed hop-by-hop headers and every header the `Connection` header names.

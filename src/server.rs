@@ -13,10 +13,11 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::auth;
 use crate::error::Error;
@@ -46,27 +47,67 @@ pub async fn run(
         let state = state.load_full();
         async move { handle(&state, request, peer).await }
     };
+    let limits = {
+        let server = &grace_state.load().config.server;
+        Limits {
+            max_connections: server.max_connections,
+            header_timeout: server.header_timeout,
+        }
+    };
     // The grace period is read at shutdown time: a reload may have changed it.
     let grace = move || grace_state.load().config.server.shutdown_grace;
-    serve_connections(listener, handler, shutdown, grace).await;
+    serve_connections(listener, handler, limits, shutdown, grace).await;
     Ok(())
 }
+
+/// What one listener allows its clients. Fixed for the listener's life: changing them needs a
+/// restart, like the listen address.
+struct Limits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// The most a request's line and headers may take, whatever the protocol: enough for any
+/// sane client, small enough that a flood of huge headers cannot eat memory.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The accept loop shared by the gateway and the admin listener: one task per connection,
 /// HTTP/1.1 or h2c, each watched so that shutdown can wait for it to finish.
 async fn serve_connections<H, F>(
     listener: TcpListener,
     handler: H,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: impl FnOnce() -> Duration,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    let builder = Arc::new(builder);
+    let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // Waiting for a free slot before accepting leaves further clients in the kernel's
+        // backlog, where they cost the gateway nothing.
+        let slot = tokio::select! {
+            slot = connection_slots.clone().acquire_owned() => {
+                slot.expect("the connection semaphore is never closed")
+            }
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -93,6 +134,7 @@ async fn serve_connections<H, F>(
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -105,6 +147,10 @@ async fn serve_connections<H, F>(
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
 }
+
+/// Probes and scrapers are few and quick.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The admin listener: `/healthz` while the process runs, `/readyz` while the store answers.
 pub async fn run_admin(
@@ -133,7 +179,14 @@ pub async fn run_admin(
             response
         }
     };
-    serve_connections(listener, handler, shutdown, || Duration::from_secs(1)).await;
+    let limits = Limits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        header_timeout: ADMIN_HEADER_TIMEOUT,
+    };
+    serve_connections(listener, handler, limits, shutdown, || {
+        Duration::from_secs(1)
+    })
+    .await;
 }
 
 /// One request, start to finish: it never fails, errors become their JSON answer here.

@@ -40,50 +40,52 @@ pub enum BodySeen {
 }
 
 /// The upstream behind the gateway. Paths pick its behaviour: `/status/503…` answers 503,
-/// `/hook/<verdict>` plays a login hook, `/…/slow` never answers in time, `/…/bytes/N` answers N bytes, `/…/echo-body` answers the
-/// request body, `/…/sink` reads the body and records what it saw; anything else answers the
-/// request line and headers as JSON.
+/// `/hook/<verdict>` plays a login hook, `/…/slow` never answers in time, `/…/held` answers
+/// once the test releases it, `/…/ws` accepts an upgrade and echoes bytes, `/…/bytes/N`
+/// answers N bytes, `/…/echo-body` answers the request body, `/…/sink` reads the body and
+/// records what it saw; anything else answers the request line and headers as JSON.
 pub struct Upstream {
     pub addr: SocketAddr,
-    bodies: Arc<Mutex<Vec<BodySeen>>>,
-    body_seen: Arc<Notify>,
+    shared: Arc<UpstreamShared>,
+}
+
+#[derive(Default)]
+struct UpstreamShared {
+    bodies: Mutex<Vec<BodySeen>>,
+    body_seen: Notify,
+    held_arrived: Notify,
+    release_held: Notify,
 }
 
 impl Upstream {
     pub async fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let body_seen = Arc::new(Notify::new());
-        let (bodies2, seen2) = (bodies.clone(), body_seen.clone());
+        let shared = Arc::new(UpstreamShared::default());
+        let serving = shared.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (bodies, seen) = (bodies2.clone(), seen2.clone());
+                let shared = serving.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        upstream_answer(request, bodies.clone(), seen.clone())
-                    });
+                    let service =
+                        service_fn(move |request| upstream_answer(request, shared.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Upstream {
-            addr,
-            bodies,
-            body_seen,
-        }
+        Upstream { addr, shared }
     }
 
     /// Waits until the upstream has finished reading one more body, and returns what it saw.
     pub async fn next_body(&self) -> BodySeen {
         loop {
-            let notified = self.body_seen.notified();
-            if let Some(seen) = self.bodies.lock().unwrap().pop() {
+            let notified = self.shared.body_seen.notified();
+            if let Some(seen) = self.shared.bodies.lock().unwrap().pop() {
                 return seen;
             }
             tokio::time::timeout(Duration::from_secs(10), notified)
@@ -91,16 +93,59 @@ impl Upstream {
                 .expect("the upstream never finished reading a body");
         }
     }
+
+    /// Waits until a `/…/held` request has arrived.
+    pub async fn held_arrived(&self) {
+        tokio::time::timeout(Duration::from_secs(30), self.shared.held_arrived.notified())
+            .await
+            .expect("the held request never arrived");
+    }
+
+    /// Lets the `/…/held` request answer.
+    pub fn release_held(&self) {
+        self.shared.release_held.notify_one();
+    }
 }
 
 type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn upstream_answer(
-    request: Request<Incoming>,
-    bodies: Arc<Mutex<Vec<BodySeen>>>,
-    seen: Arc<Notify>,
+    mut request: Request<Incoming>,
+    shared: Arc<UpstreamShared>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
     let path = request.uri().path().to_string();
+    if path.ends_with("/held") {
+        shared.held_arrived.notify_one();
+        shared.release_held.notified().await;
+    }
+    if path.ends_with("/ws") && request.headers().contains_key("upgrade") {
+        let openid = request
+            .headers()
+            .get("x-wx-openid")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let upgraded = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgraded.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let _ = io.write_all(format!("openid={openid}\n").as_bytes()).await;
+            let mut buffer = [0u8; 1024];
+            while let Ok(read) = io.read(&mut buffer).await {
+                if read == 0 || io.write_all(&buffer[..read]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()).boxed());
+        *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        response
+            .headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        return Ok(response);
+    }
     if path.starts_with("/status/503") {
         let mut response = Response::new(Full::new(Bytes::from_static(b"unavailable")).boxed());
         *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -142,8 +187,8 @@ async fn upstream_answer(
                 Some(Err(_)) => break BodySeen::Aborted(read),
             }
         };
-        bodies.lock().unwrap().push(outcome);
-        seen.notify_one();
+        shared.bodies.lock().unwrap().push(outcome);
+        shared.body_seen.notify_one();
         return Ok(Response::new(
             Full::new(Bytes::from_static(b"sunk")).boxed(),
         ));
