@@ -11,6 +11,7 @@
 //! - [`identity`]: protected header families: strip what the client sent, inject the identity.
 //! - [`proxy`]: forwarding: hop-by-hop and forwarded headers, the pooled upstream client,
 //!   body limits, timeouts.
+//! - [`metrics`]: the Prometheus metrics of SPEC §9.
 //! - [`token`]: JWT claims, keys, signing and verification. No I/O.
 //! - [`wechat`]: the WeChat client and open-data crypto.
 //! - [`store`]: the `Store` trait and its backends.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod routes;

@@ -121,7 +121,16 @@ pub async fn forward(
         .upstream
         .client
         .request(Request::from_parts(parts, body));
-    let mut response = match tokio::time::timeout(route.timeout(), sent).await {
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(route.timeout(), sent).await;
+    let metrics = &state.services.metrics;
+    metrics
+        .upstream_duration
+        .get_or_create(&crate::metrics::Route {
+            route: route.label.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let mut response = match answered {
         Err(_) => return Err(Error::UpstreamTimeout),
         Ok(Err(err)) if caused_by_body_cap(&err) => return Err(Error::PayloadTooLarge),
         Ok(Err(err)) => {

@@ -1,6 +1,7 @@
 //! The route table: longest prefix on segment boundaries wins (SPEC §5), and the path checks
 //! that run before any route is chosen.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -9,6 +10,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::config::{AuthMode, RouteConfig};
 use crate::error::Error;
+use crate::metrics::RouteLabel;
 
 /// How many layers of percent-encoding are peeled off a segment when looking for a hidden
 /// dot-segment or separator. Two covers double encoding (`%252e`); one more catches a
@@ -60,6 +62,8 @@ pub fn is_under(prefix: &str, path: &str) -> bool {
 
 pub struct Route {
     pub config: RouteConfig,
+    /// The route's metric label.
+    pub label: RouteLabel,
     /// `config.path` without its trailing `/`.
     prefix: String,
     scheme: Scheme,
@@ -78,6 +82,7 @@ impl Route {
             .map(|p| p.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
         Route {
+            label: Arc::new(config.path.clone()),
             prefix,
             scheme: parts.scheme.unwrap_or(Scheme::HTTP),
             authority: parts

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -18,9 +18,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::auth;
 use crate::error::Error;
+use crate::metrics::{self, RouteLabel, RouteStatus};
 use crate::proxy::{self, X_REQUEST_ID};
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
@@ -148,11 +150,16 @@ async fn serve_connections<H, F>(
     }
 }
 
+/// What prometheus-client writes (the probes' one-word answers read fine as it too).
+const OPENMETRICS_TEXT: HeaderValue =
+    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+
 /// Probes and scrapers are few and quick.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The admin listener: `/healthz` while the process runs, `/readyz` while the store answers.
+/// The admin listener: `/healthz` while the process runs, `/readyz` while the store answers,
+/// `/metrics` for Prometheus.
 pub async fn run_admin(
     listener: TcpListener,
     state: SharedState,
@@ -162,20 +169,25 @@ pub async fn run_admin(
         let state = state.load_full();
         async move {
             let (status, body) = match request.uri().path() {
-                "/healthz" => (StatusCode::OK, "ok"),
+                "/healthz" => (StatusCode::OK, "ok".to_string()),
+                "/metrics" => (StatusCode::OK, state.services.metrics.encode()),
                 "/readyz" => match state.services.store.ping().await {
-                    Ok(()) => (StatusCode::OK, "ready"),
+                    Ok(()) => (StatusCode::OK, "ready".to_string()),
                     Err(err) => {
                         tracing::warn!(error = %err, "not ready: the store does not answer");
-                        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "store unavailable".to_string(),
+                        )
                     }
                 },
-                _ => (StatusCode::NOT_FOUND, "not found"),
+                _ => (StatusCode::NOT_FOUND, "not found".to_string()),
             };
-            let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-                body.as_bytes(),
-            ))));
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
             *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, OPENMETRICS_TEXT);
             response
         }
     };
@@ -196,12 +208,21 @@ async fn handle(
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    let metrics = &state.services.metrics;
+    metrics.in_flight.inc();
     let request_id = request_id(&request);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut route_label = "none";
+    let mut route = metrics.no_route.clone();
 
-    let result = dispatch(state, request, peer, &request_id, &mut route_label).await;
+    // Every line logged while answering carries the request id.
+    let span = tracing::info_span!(
+        "request",
+        request_id = request_id.to_str().unwrap_or_default()
+    );
+    let result = dispatch(state, request, peer, &request_id, &mut route)
+        .instrument(span.clone())
+        .await;
     let mut response = match result {
         Ok(response) => response,
         Err(err) => err.into_response().map(Either::Right),
@@ -209,36 +230,50 @@ async fn handle(
     response
         .headers_mut()
         .insert(X_REQUEST_ID, request_id.clone());
-    tracing::info!(
-        target: "wxgate::access",
-        method = %method,
-        path = %path,
-        route = route_label,
-        status = response.status().as_u16(),
-        duration_us = started.elapsed().as_micros() as u64,
-        request_id = request_id.to_str().unwrap_or_default(),
-    );
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        tracing::info!(
+            target: "wxgate::access",
+            method = %method,
+            path = %path,
+            route = route.as_str(),
+            status,
+            duration_us = took.as_micros() as u64,
+        )
+    });
+    metrics
+        .request_duration
+        .get_or_create(&metrics::Route {
+            route: route.clone(),
+        })
+        .observe(took.as_secs_f64());
+    metrics
+        .requests
+        .get_or_create(&RouteStatus { route, status })
+        .inc();
+    metrics.in_flight.dec();
     response
 }
 
 /// The checks in SPEC §4 order: path, route, method, token, body size; then the answer.
-async fn dispatch<'s>(
-    state: &'s State,
+async fn dispatch(
+    state: &State,
     request: Request<Incoming>,
     peer: SocketAddr,
     request_id: &HeaderValue,
-    route_label: &mut &'s str,
+    route_label: &mut RouteLabel,
 ) -> Result<Response<ResponseBody>, Error> {
     let path = request.uri().path();
     routes::check_path(path)?;
     if auth::owns_path(state, path) {
-        *route_label = "auth";
+        *route_label = state.services.metrics.auth_route.clone();
         return auth::handle(state, request, peer)
             .await
             .map(|response| response.map(Either::Right));
     }
     let route: &Route = state.routes.find(path).ok_or(Error::NoRoute)?;
-    *route_label = &route.config.path;
+    *route_label = route.label.clone();
     if !route.allows_method(request.method()) {
         return Err(Error::MethodNotAllowed);
     }
@@ -349,20 +384,35 @@ pub fn reload(
     path: &std::path::Path,
     state: &SharedState,
 ) -> Result<(), crate::config::ConfigError> {
+    let current = state.load_full();
+    let outcome = build_reloaded(path, &current).map(|next| state.store(Arc::new(next)));
+    let result = if outcome.is_ok() { "ok" } else { "error" };
+    current
+        .services
+        .metrics
+        .config_reloads
+        .get_or_create(&metrics::Outcome { result })
+        .inc();
+    outcome
+}
+
+fn build_reloaded(
+    path: &std::path::Path,
+    current: &State,
+) -> Result<State, crate::config::ConfigError> {
     let config = crate::Config::load(path)?;
-    let current = state.load();
     let running = &current.config;
     if config.server.listen != running.server.listen
         || config.server.admin_listen != running.server.admin_listen
+        || config.server.max_connections != running.server.max_connections
+        || config.server.header_timeout != running.server.header_timeout
     {
-        tracing::warn!("a listen address changed: it takes effect only after a restart");
+        tracing::warn!("a listener setting changed: it takes effect only after a restart");
     }
     if config.store != running.store {
         tracing::warn!("the store settings changed: they take effect only after a restart");
     }
-    let next = State::new(config, current.services.clone())?;
-    state.store(Arc::new(next));
-    Ok(())
+    State::new(config, current.services.clone())
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

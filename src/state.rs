@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use crate::auth::{Exchanges, LoginLimiter};
 use crate::config::{Config, ConfigError, Problem};
 use crate::identity::IdentityRules;
+use crate::metrics::Metrics;
 use crate::proxy::UpstreamClient;
 use crate::routes::RouteTable;
 use crate::store::{self, Revocations, Store};
@@ -29,6 +30,7 @@ pub struct State {
 /// What outlives a reload: connections, caches and the store.
 pub struct Services {
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
     pub exchanges: Exchanges,
     /// For the login hook: the business API, not WeChat.
     pub hook_client: reqwest::Client,
@@ -50,13 +52,15 @@ impl Services {
             config.token.access_ttl + config.token.leeway,
         ));
         revocations.spawn_sync(store.clone());
-        let wechat = WechatClient::new();
+        let metrics = Arc::new(Metrics::default());
+        let wechat = WechatClient::new(metrics.clone());
         let hook_client = reqwest::Client::builder()
             .no_proxy()
             .build()
             .expect("an HTTP client with default settings always builds");
         Ok(Services {
             store,
+            metrics,
             exchanges: Exchanges::default(),
             hook_client,
             revocations,

@@ -13,6 +13,7 @@ use super::refresh::{new_refresh_token, token_response};
 use super::{check_code, json_response, malformed_open_data, read_json, store_failed};
 use crate::config::AppConfig;
 use crate::error::Error;
+use crate::metrics::AppResult;
 use crate::proxy::client_ip;
 use crate::state::State;
 use crate::store::SessionRecord;
@@ -37,6 +38,28 @@ pub(super) async fn login(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Error> {
+    // Labelled with a configured appid only, so a client cannot grow the label set.
+    let mut appid = String::new();
+    let outcome = log_in(state, request, peer, &mut appid).await;
+    let result = match &outcome {
+        Ok(_) => "ok",
+        Err(err) => err.code(),
+    };
+    state
+        .services
+        .metrics
+        .logins
+        .get_or_create(&AppResult { appid, result })
+        .inc();
+    outcome
+}
+
+async fn log_in(
+    state: &State,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    appid: &mut String,
+) -> Result<Response<Full<Bytes>>, Error> {
     if let Some(limiter) = &state.login_limiter {
         let trusted = &state.config.server.trusted_proxies;
         limiter.check(client_ip(trusted, peer.ip(), request.headers()))?;
@@ -44,6 +67,7 @@ pub(super) async fn login(
     let body: LoginRequest = read_json(request, state.config.server.max_body_bytes).await?;
     check_code(&body.code)?;
     let app = resolve_app(state, body.appid.as_deref())?;
+    appid.clone_from(&app.appid);
     let session = state
         .services
         .exchanges

@@ -90,6 +90,21 @@ pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Claims, Error
 }
 
 fn verify_token(state: &State, token: &str) -> Result<Claims, Error> {
+    let verified = check_token(state, token);
+    let result = match &verified {
+        Ok(_) => "ok",
+        Err(err) => err.code(),
+    };
+    state
+        .services
+        .metrics
+        .token_verifications
+        .get_or_create(&crate::metrics::Outcome { result })
+        .inc();
+    verified
+}
+
+fn check_token(state: &State, token: &str) -> Result<Claims, Error> {
     let claims = state.keys.verify(token)?;
     if state.services.revocations.is_revoked(&claims.sid) {
         return Err(Error::TokenRevoked);

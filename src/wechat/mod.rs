@@ -4,6 +4,8 @@
 mod access_token;
 pub mod crypto;
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -13,6 +15,7 @@ use serde_json::Value;
 
 use crate::config::{AppConfig, Secret, WechatConfig};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use access_token::AccessTokens;
 
 /// What code2Session answered for one user. The session_key is a [`Secret`]: it never leaves
@@ -66,16 +69,11 @@ enum Failure {
 pub struct WechatClient {
     http: reqwest::Client,
     access_tokens: AccessTokens,
-}
-
-impl Default for WechatClient {
-    fn default() -> Self {
-        Self::new()
-    }
+    metrics: Arc<Metrics>,
 }
 
 impl WechatClient {
-    pub fn new() -> Self {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         // reqwest is built without a bundled crypto provider so that ring is the only one
         // compiled in; it must be installed once, before any client is built.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -86,6 +84,7 @@ impl WechatClient {
         WechatClient {
             http,
             access_tokens: AccessTokens::default(),
+            metrics,
         }
     }
 
@@ -247,10 +246,20 @@ impl WechatClient {
         for host in &settings.hosts {
             let mut busy_retries = BUSY_BACKOFF.iter();
             loop {
-                let failure = match self
+                let started = Instant::now();
+                let outcome = self
                     .attempt(api, host, request(host), settings.timeout)
-                    .await
-                {
+                    .await;
+                let result: Cow<'static, str> = match &outcome {
+                    Ok(answer) => match errcode_of(answer) {
+                        0 => "ok".into(),
+                        errcode => errcode.to_string().into(),
+                    },
+                    Err(Failure::Timeout) => "timeout".into(),
+                    Err(_) => "unavailable".into(),
+                };
+                self.metrics.observe_wechat(api, result, started.elapsed());
+                let failure = match outcome {
                     Ok(answer) if errcode_of(&answer) == -1 => match busy_retries.next() {
                         Some(pause) => {
                             tokio::time::sleep(*pause).await;

@@ -1,0 +1,191 @@
+//! Prometheus metrics (SPEC §9), served as text on the admin listener. Long-lived: counters
+//! survive config reloads.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A route label: the route's `path`, `auth` for the gateway's own endpoints, `none` when
+/// nothing matched. Shared, so labelling a request clones a pointer, not a string.
+pub type RouteLabel = Arc<String>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: RouteLabel,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Route {
+    pub route: RouteLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppResult {
+    pub appid: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiResult {
+    pub api: &'static str,
+    pub result: Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Api {
+    pub api: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// From half a millisecond to about 16 seconds, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub request_duration: Histograms<Route>,
+    pub upstream_duration: Histograms<Route>,
+    pub logins: Family<AppResult, Counter>,
+    pub wechat_requests: Family<ApiResult, Counter>,
+    pub wechat_duration: Histograms<Api>,
+    pub token_verifications: Family<Outcome, Counter>,
+    pub config_reloads: Family<Outcome, Counter>,
+    pub in_flight: Gauge,
+    /// The labels that are not route paths.
+    pub auth_route: RouteLabel,
+    pub no_route: RouteLabel,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wxgate");
+        let requests = Family::<RouteStatus, Counter>::default();
+        registry.register("requests", "Requests answered", requests.clone());
+        let request_duration: Histograms<Route> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            request_duration.clone(),
+        );
+        let upstream_duration: Histograms<Route> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "upstream_duration_seconds",
+            "Time the upstream took to send response headers",
+            upstream_duration.clone(),
+        );
+        let logins = Family::<AppResult, Counter>::default();
+        registry.register("logins", "Login attempts by outcome", logins.clone());
+        let wechat_requests = Family::<ApiResult, Counter>::default();
+        registry.register(
+            "wechat_requests",
+            "Requests to WeChat by outcome",
+            wechat_requests.clone(),
+        );
+        let wechat_duration: Histograms<Api> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "wechat_duration_seconds",
+            "Time WeChat took to answer",
+            wechat_duration.clone(),
+        );
+        let token_verifications = Family::<Outcome, Counter>::default();
+        registry.register(
+            "token_verifications",
+            "Bearer tokens checked, by outcome",
+            token_verifications.clone(),
+        );
+        let config_reloads = Family::<Outcome, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by outcome",
+            config_reloads.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being answered now",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            logins,
+            wechat_requests,
+            wechat_duration,
+            token_verifications,
+            config_reloads,
+            in_flight,
+            auth_route: Arc::new("auth".into()),
+            no_route: Arc::new("none".into()),
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format, for `GET /metrics`.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing metrics into a String cannot fail");
+        text
+    }
+
+    pub fn observe_wechat(&self, api: &'static str, result: Cow<'static, str>, took: Duration) {
+        self.wechat_requests
+            .get_or_create(&ApiResult { api, result })
+            .inc();
+        self.wechat_duration
+            .get_or_create(&Api { api })
+            .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_names_appear_once_counted() {
+        let metrics = Metrics::default();
+        let route = Arc::new("/api/".to_string());
+        metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route.clone(),
+                status: 200,
+            })
+            .inc();
+        metrics
+            .request_duration
+            .get_or_create(&Route { route })
+            .observe(0.01);
+        metrics.observe_wechat("code2session", "ok".into(), Duration::from_millis(3));
+        let text = metrics.encode();
+        for name in [
+            "wxgate_requests_total{route=\"/api/\",status=\"200\"} 1",
+            "wxgate_request_duration_seconds_bucket",
+            "wxgate_wechat_requests_total{api=\"code2session\",result=\"ok\"} 1",
+            "wxgate_wechat_duration_seconds_count{api=\"code2session\"} 1",
+            "wxgate_in_flight_requests",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
