@@ -282,7 +282,7 @@ async fn dispatch(
         return Err(Error::PayloadTooLarge);
     }
     let response =
-        proxy::forward(state, route, request, peer, identity.as_ref(), request_id).await?;
+        proxy::forward(state, route, request, peer, identity.as_deref(), request_id).await?;
     Ok(response.map(Either::Left))
 }
 

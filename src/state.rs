@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::auth::{Exchanges, LoginLimiter};
+use crate::auth::{Exchanges, LoginLimiter, VerifiedTokens};
 use crate::config::{Config, ConfigError, Problem};
 use crate::identity::IdentityRules;
 use crate::metrics::Metrics;
@@ -24,6 +24,7 @@ pub struct State {
     pub keys: TokenKeys,
     pub identity: IdentityRules,
     pub login_limiter: Option<LoginLimiter>,
+    pub verified_tokens: VerifiedTokens,
     pub services: Arc<Services>,
 }
 
@@ -80,6 +81,7 @@ impl State {
             routes: RouteTable::new(&config.routes),
             identity: IdentityRules::new(&config.identity),
             login_limiter: LoginLimiter::new(config.rate_limit.login_per_ip_per_minute),
+            verified_tokens: VerifiedTokens::new(config.token.leeway),
             keys,
             config,
             services,

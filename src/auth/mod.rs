@@ -8,11 +8,14 @@ mod login;
 mod open_data;
 mod refresh;
 mod session;
+mod verified;
 
 pub use exchange::Exchanges;
 pub use limit::LoginLimiter;
+pub use verified::VerifiedTokens;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -68,7 +71,7 @@ pub fn authorize(
     state: &State,
     route: &Route,
     headers: &HeaderMap,
-) -> Result<Option<Claims>, Error> {
+) -> Result<Option<Arc<Claims>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
         AuthMode::Optional => match bearer_token(headers) {
@@ -84,12 +87,12 @@ pub fn authorize(
 }
 
 /// The verified claims of the request's bearer token, or why there are none.
-pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Claims, Error> {
+pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Claims>, Error> {
     let token = bearer_token(headers).ok_or(Error::MissingToken)?;
     verify_token(state, token)
 }
 
-fn verify_token(state: &State, token: &str) -> Result<Claims, Error> {
+fn verify_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
     let verified = check_token(state, token);
     let result = match &verified {
         Ok(_) => "ok",
@@ -104,8 +107,15 @@ fn verify_token(state: &State, token: &str) -> Result<Claims, Error> {
     verified
 }
 
-fn check_token(state: &State, token: &str) -> Result<Claims, Error> {
-    let claims = state.keys.verify(token)?;
+fn check_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
+    let claims = match state.verified_tokens.get(token) {
+        Some(claims) => claims,
+        None => {
+            let claims = Arc::new(state.keys.verify(token)?);
+            state.verified_tokens.insert(token, claims.clone());
+            claims
+        }
+    };
     if state.services.revocations.is_revoked(&claims.sid) {
         return Err(Error::TokenRevoked);
     }

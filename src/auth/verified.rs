@@ -1,0 +1,95 @@
+//! The verified-token cache: a token whose signature and claims were checked once is not
+//! checked again until it expires, so a signature scheme that is slow to verify (ES256, RS256)
+//! costs about what HS256 costs on the hot path. What can change during a token's life is
+//! still checked on every request by the caller: revocation, and the route's apps.
+//!
+//! The cache belongs to one loaded config: a reload (new keys, issuer or audience) starts an
+//! empty one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::sync::Cache;
+
+use crate::token::{Claims, unix_now};
+
+/// Verified tokens kept at once; past it the least used are dropped and verified again when
+/// they come back.
+const CAPACITY: u64 = 100_000;
+
+pub struct VerifiedTokens {
+    cache: Cache<String, Arc<Claims>>,
+}
+
+impl VerifiedTokens {
+    /// `leeway` is the clock skew verification allows past `exp`.
+    pub fn new(leeway: Duration) -> VerifiedTokens {
+        VerifiedTokens {
+            cache: Cache::builder()
+                .max_capacity(CAPACITY)
+                .expire_after(UntilExpiry { leeway })
+                .build(),
+        }
+    }
+
+    pub fn get(&self, token: &str) -> Option<Arc<Claims>> {
+        self.cache.get(token)
+    }
+
+    pub fn insert(&self, token: &str, claims: Arc<Claims>) {
+        self.cache.insert(token.to_string(), claims);
+    }
+}
+
+/// Each entry lives exactly as long as verification would still accept its token.
+struct UntilExpiry {
+    leeway: Duration,
+}
+
+impl Expiry<String, Arc<Claims>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _token: &String,
+        claims: &Arc<Claims>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let valid_until = claims.exp + self.leeway.as_secs();
+        Some(Duration::from_secs(valid_until.saturating_sub(unix_now())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: u64) -> Arc<Claims> {
+        Arc::new(Claims {
+            iss: "wxgate".into(),
+            aud: "api".into(),
+            sub: "o".into(),
+            appid: "wx".into(),
+            unionid: None,
+            sid: "s".into(),
+            jti: "j".into(),
+            iat: 0,
+            exp,
+            extra: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_live_token_is_served_from_the_cache() {
+        let cache = VerifiedTokens::new(Duration::ZERO);
+        cache.insert("t", claims(unix_now() + 60));
+        assert_eq!(cache.get("t").unwrap().sub, "o");
+        assert!(cache.get("other").is_none());
+    }
+
+    #[test]
+    fn an_expired_token_is_never_served() {
+        let cache = VerifiedTokens::new(Duration::ZERO);
+        cache.insert("t", claims(unix_now() - 1));
+        assert!(cache.get("t").is_none());
+    }
+}
