@@ -46,6 +46,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::UPGRADE,
 ];
 
+/// Idle connections kept per upstream. A burst of many concurrent clients opens as many
+/// upstream connections; past the burst, keeping them all would hold their buffers for
+/// nothing (nginx's `keepalive` directive makes the same trade).
+const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
+
 /// How long an idle upstream connection is kept for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -62,6 +67,7 @@ impl Default for UpstreamClient {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
             .build(connector);
         UpstreamClient { client }
     }

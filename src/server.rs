@@ -268,7 +268,10 @@ async fn dispatch(
     routes::check_path(path)?;
     if auth::owns_path(state, path) {
         *route_label = state.services.metrics.auth_route.clone();
-        return auth::handle(state, request, peer)
+        // Boxed: the login's future (WeChat calls, the exchange cache) is many times the size
+        // of the proxy path's, and hyper keeps a request future's allocation for the life of
+        // each keep-alive connection. Unboxed, every idle connection would carry it.
+        return Box::pin(auth::handle(state, request, peer))
             .await
             .map(|response| response.map(Either::Right));
     }
@@ -281,8 +284,17 @@ async fn dispatch(
     if declared_length(&request).is_some_and(|length| length > state.config.server.max_body_bytes) {
         return Err(Error::PayloadTooLarge);
     }
-    let response =
-        proxy::forward(state, route, request, peer, identity.as_deref(), request_id).await?;
+    // Boxed for the same reason as the gateway's own endpoints: while idle, a connection then
+    // keeps a pointer's worth of request future rather than the whole proxy state machine.
+    let response = Box::pin(proxy::forward(
+        state,
+        route,
+        request,
+        peer,
+        identity.as_deref(),
+        request_id,
+    ))
+    .await?;
     Ok(response.map(Either::Left))
 }
 

@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""wxgate against nginx, on one machine, in one run (SPEC §10).
+
+Each proxy under test runs pinned to core 0 with one worker (nginx `worker_processes 1`,
+wxgate `TOKIO_WORKER_THREADS=1`); the upstream (nginx answering 200), the mock WeChat and the
+load generator (wrk, 64 connections) run on core 1. Targets alternate over several rounds and
+the medians are reported. The figure that travels between machines is requests per CPU-second
+of the proxy process (its utime + stime from /proc), as a ratio to nginx.
+
+Usage: bench/run.sh [--rounds N] [--seconds S]   (builds the release binary, then runs this)
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WXGATE = os.path.join(ROOT, "target", "release", "wxgate")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+APPID = "wx00000000000bench"
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123456789"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds_tree(pids):
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def rss_mb(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class Procs:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, name, args, env=None, core=None):
+        if core is not None:
+            args = ["taskset", "-c", core] + args
+        log = open(os.path.join(self.workdir, f"{name}.log"), "w")
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def nginx_conf(workdir, name, body):
+    path = os.path.join(workdir, f"{name}.conf")
+    with open(path, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.error.log crit;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/{name}-body;
+    proxy_temp_path {workdir}/{name}-proxy;
+    fastcgi_temp_path {workdir}/{name}-fcgi;
+    uwsgi_temp_path {workdir}/{name}-uwsgi;
+    scgi_temp_path {workdir}/{name}-scgi;
+    keepalive_requests 1000000;
+{body}
+}}
+""")
+    return path
+
+
+def wxgate_conf(workdir, name, port, mock_port, upstream_port, token_section, store):
+    path = os.path.join(workdir, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = ""
+[wechat]
+hosts = ["http://127.0.0.1:{mock_port}"]
+[[wechat.apps]]
+appid = "{APPID}"
+secret = "bench-app-secret"
+{token_section}
+[store]
+{store}
+[rate_limit]
+login_per_ip_per_minute = 0
+[[routes]]
+path = "/public/"
+upstream = "http://127.0.0.1:{upstream_port}"
+auth = "public"
+[[routes]]
+path = "/api/"
+upstream = "http://127.0.0.1:{upstream_port}"
+auth = "required"
+""")
+    return path
+
+
+def login(port, code):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/auth/login",
+        data=json.dumps({"code": code}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as answer:
+        return json.load(answer)["access_token"]
+
+
+def wrk(url, seconds, connections=64, headers=(), script=None):
+    args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for header in headers:
+        args += ["-H", header]
+    if script:
+        args += ["-s", script]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        sys.exit(f"{url}: {errors.group(1)} non-2xx answers\n{out}")
+
+    def latency(pct):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return requests, latency(50), latency(99)
+
+
+def measure(target, seconds):
+    pids = target["pids"]()
+    before = cpu_seconds_tree(pids)
+    started = time.time()
+    requests, p50, p99 = wrk(target["url"], seconds, headers=target.get("headers", ()))
+    wall = time.time() - started
+    cpu = cpu_seconds_tree(pids) - before
+    return {"rps": requests / wall, "p50": p50, "p99": p99, "per_cpu_s": requests / max(cpu, 1e-9)}
+
+
+IDLE_CLIENT = r"""
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /public/ HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.recv(65536)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def rss_with_idle_connections(port, pid, count):
+    client = subprocess.Popen(
+        [sys.executable, "-c", IDLE_CLIENT, str(port), str(count)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    line = client.stdout.readline().strip()
+    if line != "ready":
+        sys.exit("the idle-connection client failed")
+    rss = rss_mb([pid])
+    client.stdin.close()
+    client.wait()
+    return rss
+
+
+LOGIN_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{"code":"bench-' .. counter .. '-' .. math.random(1, 1000000000) .. '"}'
+  return wrk.format("POST", "/auth/login", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--idle-connections", type=int, default=10000)
+    opts = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: bench/run.sh installs it")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    workdir = tempfile.mkdtemp(prefix="wxgate-bench-")
+    procs = Procs(workdir)
+    try:
+        ports = {name: free_port() for name in
+                 ("upstream", "nginx", "mock", "hs", "es", "verify_nginx", "login")}
+        upstream = nginx_conf(workdir, "upstream", f"""
+    server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
+        procs.start("upstream", ["nginx", "-c", upstream], core=LOAD_CORE)
+        proxy = nginx_conf(workdir, "nginx", f"""
+    upstream app {{ server 127.0.0.1:{ports['upstream']}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{ports['nginx']};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}""")
+        nginx = procs.start("nginx", ["nginx", "-c", proxy], core=PROXY_CORE)
+        procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"], core=LOAD_CORE)
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
+
+        hs_conf = wxgate_conf(workdir, "hs", ports["hs"], ports["mock"], ports["upstream"],
+                              f'[token]\nsecret = "{JWT_SECRET}"', 'backend = "memory"')
+        hs = procs.start("wxgate-hs256", [WXGATE, "--log-format", "json", "serve", "--config", hs_conf], env=env, core=PROXY_CORE)
+
+        es_key = os.path.join(workdir, "es256.pem")
+        keygen = subprocess.run([WXGATE, "keygen", "--alg", "ES256"], capture_output=True, text=True)
+        es = None
+        if keygen.returncode == 0:
+            with open(es_key, "w") as f:
+                f.write(keygen.stdout)
+            es_conf = wxgate_conf(workdir, "es", ports["es"], ports["mock"], ports["upstream"],
+                                  f'[token]\nalgorithm = "ES256"\nsigning_key = "{es_key}"', 'backend = "memory"')
+            es = procs.start("wxgate-es256", [WXGATE, "--log-format", "json", "serve", "--config", es_conf], env=env, core=PROXY_CORE)
+
+        verify_conf = nginx_conf(workdir, "verify", f"""
+    upstream app {{ server 127.0.0.1:{ports['upstream']}; keepalive 128; }}
+    upstream wxgate {{ server 127.0.0.1:{ports['hs']}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{ports['verify_nginx']};
+        location = /_verify {{
+            internal;
+            proxy_pass http://wxgate/auth/verify;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+        }}
+        location / {{
+            auth_request /_verify;
+            auth_request_set $openid $upstream_http_x_wx_openid;
+            proxy_set_header X-WX-OpenID $openid;
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}""")
+        verify_nginx = procs.start("nginx-auth-request", ["nginx", "-c", verify_conf], core=PROXY_CORE)
+
+        for port in (ports["upstream"], ports["nginx"], ports["mock"], ports["hs"], ports["verify_nginx"]):
+            wait_port(port)
+        if es:
+            wait_port(ports["es"])
+        time.sleep(0.5)
+
+        hs_token = login(ports["hs"], "bench-hs")
+        targets = {
+            "nginx proxy_pass": {"url": f"http://127.0.0.1:{ports['nginx']}/", "pids": lambda: [nginx.pid] + children(nginx.pid)},
+            "wxgate public route": {"url": f"http://127.0.0.1:{ports['hs']}/public/", "pids": lambda: [hs.pid]},
+            "wxgate required, HS256": {"url": f"http://127.0.0.1:{ports['hs']}/api/", "pids": lambda: [hs.pid],
+                                       "headers": [f"Authorization: Bearer {hs_token}"]},
+            "nginx auth_request → wxgate /auth/verify": {
+                "url": f"http://127.0.0.1:{ports['verify_nginx']}/", "pids": lambda: [verify_nginx.pid, hs.pid],
+                "headers": [f"Authorization: Bearer {hs_token}"]},
+        }
+        if es:
+            es_token = login(ports["es"], "bench-es")
+            targets["wxgate required, ES256"] = {"url": f"http://127.0.0.1:{ports['es']}/api/", "pids": lambda: [es.pid],
+                                                 "headers": [f"Authorization: Bearer {es_token}"]}
+
+        idle_rss = {"HS256": rss_mb([hs.pid])}
+        results = {name: [] for name in targets}
+        for round_number in range(opts.rounds):
+            for name, target in targets.items():
+                results[name].append(measure(target, opts.seconds))
+            print(f"round {round_number + 1}/{opts.rounds} done", file=sys.stderr)
+
+        def median(name, key):
+            return statistics.median(run[key] for run in results[name])
+
+        base = median("nginx proxy_pass", "per_cpu_s")
+        print(f"\n| target | req/s | p50 ms | p99 ms | req per CPU-second | vs nginx |")
+        print("|---|---|---|---|---|---|")
+        for name in targets:
+            per_cpu = median(name, "per_cpu_s")
+            print(f"| {name} | {median(name, 'rps'):.0f} | {median(name, 'p50'):.3f} | {median(name, 'p99'):.3f} "
+                  f"| {per_cpu:.0f} | {per_cpu / base:.2f}× |")
+
+        rss_idle_conns = rss_with_idle_connections(ports["hs"], hs.pid, opts.idle_connections)
+        print(f"\nwxgate RSS: idle {idle_rss['HS256']:.1f} MB; with {opts.idle_connections} idle keep-alive connections {rss_idle_conns:.1f} MB")
+
+        store_path = os.path.join(workdir, "bench.redb")
+        login_conf = wxgate_conf(workdir, "login", ports["login"], ports["mock"], ports["upstream"],
+                                 f'[token]\nsecret = "{JWT_SECRET}"', f'backend = "embedded"\npath = "{store_path}"')
+        login_gw = procs.start("wxgate-login", [WXGATE, "--log-format", "json", "serve", "--config", login_conf], env=env, core=PROXY_CORE)
+        try:
+            wait_port(ports["login"], timeout=10)
+            script = os.path.join(workdir, "login.lua")
+            with open(script, "w") as f:
+                f.write(LOGIN_SCRIPT)
+            logins = [wrk(f"http://127.0.0.1:{ports['login']}/", opts.seconds, script=script) for _ in range(opts.rounds)]
+            rates = [count / opts.seconds for count, _, _ in logins]
+            print(f"logins per second (mock WeChat, embedded store): {statistics.median(rates):.0f}")
+        except SystemExit as err:
+            print(f"logins per second: not measured ({err}); see {workdir}/wxgate-login.log")
+        print(f"\nmachine: {os.cpu_count()} cores, {open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip()}")
+    finally:
+        procs.stop()
+
+
+if __name__ == "__main__":
+    main()

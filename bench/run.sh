@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The benchmark of SPEC §10 in one command: installs nginx and wrk when missing, builds the
+# release binary, then runs bench/bench.py (arguments are passed on: --rounds, --seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update
+  apt-get install -y "${missing[@]}"
+fi
+cargo build --release
+exec python3 bench/bench.py "$@"
