@@ -52,7 +52,7 @@ impl Services {
         let revocations = Arc::new(Revocations::new(
             config.token.access_ttl + config.token.leeway,
         ));
-        revocations.spawn_sync(store.clone());
+        revocations.spawn_sync(&store);
         let metrics = Arc::new(Metrics::default());
         let wechat = WechatClient::new(metrics.clone());
         let hook_client = reqwest::Client::builder()

@@ -35,16 +35,20 @@ impl Revocations {
         self.revoked.insert(sid.to_string(), ());
     }
 
-    /// Pulls revocations from `store` for as long as this set is in use.
-    pub fn spawn_sync(self: &Arc<Self>, store: Arc<dyn Store>) {
+    /// Pulls revocations from `store` for as long as both are in use. Holding neither
+    /// strongly lets the store close (an embedded file be released) as soon as its owner
+    /// drops it.
+    pub fn spawn_sync(self: &Arc<Self>, store: &Arc<dyn Store>) {
         let revocations: Weak<Revocations> = Arc::downgrade(self);
+        let store = Arc::downgrade(store);
         tokio::spawn(async move {
             let mut cursor = 0;
             let mut ticks = tokio::time::interval(SYNC_INTERVAL);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(revocations) = revocations.upgrade() else {
+                let (Some(revocations), Some(store)) = (revocations.upgrade(), store.upgrade())
+                else {
                     return;
                 };
                 match store.revoked_since(cursor).await {

@@ -277,6 +277,8 @@ pub struct Setup {
     /// Whole sections appended to the file; `{upstream}` stands for the test upstream's
     /// address.
     pub sections: String,
+    /// The body of `[store]`.
+    pub store: String,
 }
 
 impl Default for Setup {
@@ -288,6 +290,7 @@ impl Default for Setup {
             extra_apps: false,
             sample_app: None,
             sections: String::new(),
+            store: "backend = \"memory\"".into(),
         }
     }
 }
@@ -500,6 +503,7 @@ fn config_text(setup: &Setup, mock: SocketAddr, upstream: SocketAddr) -> String 
     }
     let server_extra = &setup.server_extra;
     let timeout = setup.wechat_timeout;
+    let store = &setup.store;
     format!(
         r#"
 [server]
@@ -522,7 +526,7 @@ access_ttl = "2h"
 leeway = "5s"
 
 [store]
-backend = "memory"
+{store}
 
 [[routes]]
 path = "/api/"
@@ -570,6 +574,62 @@ auth = "public"
 "#,
         closed = closed_port_addr(),
     ) + &setup.sections.replace("{upstream}", &upstream.to_string())
+}
+
+/// A `redis-server` of the test's own on a free port, stopped when dropped.
+pub struct RedisServer {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = closed_port_addr().port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for this test (.ci/run installs it)");
+        let server = RedisServer {
+            url: format!("redis://127.0.0.1:{port}/0"),
+            child,
+        };
+        // Ready when it answers PING; the bound only keeps a broken install from hanging.
+        let ready = async {
+            loop {
+                if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
+                    let mut answer = [0u8; 7];
+                    if stream.write_all(b"PING\r\n").await.is_ok()
+                        && stream.read_exact(&mut answer).await.is_ok()
+                        && &answer == b"+PONG\r\n"
+                    {
+                        return;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .expect("redis-server never answered PING");
+        server
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// An address where nothing listens: bound once, then released.
