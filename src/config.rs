@@ -128,6 +128,17 @@ pub enum StoreConfig {
     Redis { url: Secret, key_prefix: String },
 }
 
+impl StoreConfig {
+    /// The key naming where the backend's data lives: what a failure to open it is about.
+    pub fn location_key(&self) -> &'static str {
+        match self {
+            StoreConfig::Memory => "store.backend",
+            StoreConfig::Embedded { .. } => "store.path",
+            StoreConfig::Redis { .. } => "store.url",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
     pub openid_header: HeaderName,

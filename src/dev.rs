@@ -62,7 +62,7 @@ auth = "required"
         secret = URL_SAFE_NO_PAD.encode(key),
     );
     let config = Config::parse(&text, Path::new("wxgate-dev.toml"), &|_| None)?;
-    let state = State::shared(config)?;
+    let state = State::shared(config).await?;
     println!(
         "{}",
         walkthrough(&mock_addr.to_string(), &echo_addr.to_string())

@@ -5,11 +5,14 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use wxgate::Config;
+use wxgate::config::Algorithm;
+use wxgate::token::MintRequest;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +53,48 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9100")]
         listen: SocketAddr,
     },
+    /// Mint an access token with the configured keys (operators, debugging); prints the token.
+    Token {
+        #[arg(long)]
+        openid: String,
+        /// May be left out when exactly one app is configured.
+        #[arg(long)]
+        appid: Option<String>,
+        /// Lifetime such as "1h" or "30m"; the default is token.access_ttl.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long, env = "WXGATE_CONFIG", default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Print a new HS256 secret (base64) or private key (PKCS#8 PEM) for the config.
+    Keygen {
+        #[arg(long, value_enum, ignore_case = true)]
+        alg: KeyAlgorithm,
+    },
+}
+
+/// `--alg` spelled as `token.algorithm` is.
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+    #[value(name = "RS256")]
+    Rs256,
+}
+
+impl From<KeyAlgorithm> for Algorithm {
+    fn from(algorithm: KeyAlgorithm) -> Algorithm {
+        match algorithm {
+            KeyAlgorithm::Hs256 => Algorithm::Hs256,
+            KeyAlgorithm::Es256 => Algorithm::Es256,
+            KeyAlgorithm::EdDsa => Algorithm::EdDsa,
+            KeyAlgorithm::Rs256 => Algorithm::Rs256,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -68,6 +113,15 @@ fn main() -> ExitCode {
             Command::Check { config } => check(&config),
             Command::Dev => wxgate::dev::run().await,
             Command::MockWechat { listen } => wxgate::mock::wechat::run_standalone(listen).await,
+            Command::Token {
+                openid,
+                appid,
+                ttl,
+                config,
+            } => token(&config, &openid, appid.as_deref(), ttl),
+            Command::Keygen { alg } => {
+                wxgate::token::keygen(alg.into()).map(|key| println!("{}", key.trim_end()))
+            }
         }
     });
     match outcome {
@@ -81,8 +135,26 @@ fn main() -> ExitCode {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    wxgate::State::shared(config.clone())?;
+    // The key files are read and parsed, but the store is left alone: a running gateway holds
+    // the embedded store's file, and checking a config must work beside it.
+    wxgate::token::TokenKeys::from_config(&config.token).map_err(|problem| {
+        wxgate::config::ConfigError {
+            problems: vec![problem],
+        }
+    })?;
     println!("{}: ok\n\n{}", path.display(), config.route_table());
+    Ok(())
+}
+
+fn token(
+    path: &std::path::Path,
+    openid: &str,
+    appid: Option<&str>,
+    ttl: Option<Duration>,
+) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let request = MintRequest { openid, appid, ttl };
+    println!("{}", wxgate::token::mint(&config, &request)?);
     Ok(())
 }
 

@@ -332,7 +332,7 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
 pub async fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = crate::Config::load(config_path)?;
     let (listen, admin_listen) = (config.server.listen, config.server.admin_listen);
-    let state = State::shared(config)?;
+    let state = State::shared(config).await?;
     let listener = bind(listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "wxgate listening");
 

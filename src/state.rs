@@ -41,10 +41,10 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn open(config: &Config) -> Result<Services, ConfigError> {
+    pub async fn open(config: &Config) -> Result<Services, ConfigError> {
         let store = store::open(&config.store).map_err(|err| ConfigError {
             problems: vec![Problem {
-                key: "store.backend".into(),
+                key: config.store.location_key().into(),
                 message: err.0,
             }],
         })?;
@@ -52,7 +52,7 @@ impl Services {
         let revocations = Arc::new(Revocations::new(
             config.token.access_ttl + config.token.leeway,
         ));
-        revocations.spawn_sync(&store);
+        revocations.start_sync(&store).await;
         let metrics = Arc::new(Metrics::default());
         let wechat = WechatClient::new(metrics.clone());
         let hook_client = reqwest::Client::builder()
@@ -89,8 +89,8 @@ impl State {
     }
 
     /// Opens the services and builds the first state.
-    pub fn shared(config: Config) -> Result<SharedState, ConfigError> {
-        let services = Arc::new(Services::open(&config)?);
+    pub async fn shared(config: Config) -> Result<SharedState, ConfigError> {
+        let services = Arc::new(Services::open(&config).await?);
         let state = State::new(config, services)?;
         Ok(Arc::new(ArcSwap::from_pointee(state)))
     }

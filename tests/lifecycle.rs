@@ -325,3 +325,40 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     .unwrap();
     assert!(exit.success(), "wxgate exited with {exit}");
 }
+
+#[tokio::test]
+async fn check_validates_beside_a_running_gateway_that_holds_the_embedded_store() {
+    let (mock, upstream) = world().await;
+    let text = config(mock, upstream.addr, "").replace(
+        "backend = \"memory\"",
+        "backend = \"embedded\"\npath = \"wxgate.redb\"",
+    );
+    let gateway = Process::start(&text).await;
+
+    let output = Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["check", "--config"])
+        .arg(&gateway.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("/api/public/"), "{stdout}");
+
+    std::fs::write(
+        &gateway.config,
+        text.replace("auth = \"public\"", "auth = \"open\""),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["check", "--config"])
+        .arg(&gateway.config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("routes[1].auth"), "{stderr}");
+}

@@ -47,7 +47,22 @@ pub async fn handle(
     let path = request.uri().path();
     if path == JWKS_PATH {
         // HS256 keys are secret: there is nothing to publish.
-        return Err(Error::NoRoute);
+        let body = state.keys.jwks_body().ok_or(Error::NoRoute)?;
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Err(Error::MethodNotAllowed);
+        }
+        let mut response = Response::new(Full::new(body));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // Verifiers fetch this set to check tokens on their own; keys change only at a
+        // deliberate rotation, so five minutes of caching spares the gateway a fetch per
+        // verifier without holding on to a retired key for long. A rotation that lists the next
+        // key in verify_keys before it signs reaches every cache before its first token.
+        headers.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=300"),
+        );
+        return Ok(response);
     }
     let endpoint = path[state.config.server.auth_path.len()..].trim_end_matches('/');
     let method = request.method();

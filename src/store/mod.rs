@@ -6,7 +6,9 @@
 //! SHA-256, and what must be kept about them (a successor token pair, an exchange's outcome) is
 //! sealed by the caller under a key derived from the token or code itself.
 
+mod embedded;
 mod memory;
+mod redis;
 mod revocations;
 pub mod seal;
 
@@ -15,6 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::redis::RedisStore;
+pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
 pub use revocations::Revocations;
 
@@ -136,15 +140,12 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Opens the backend the config names.
+/// Opens the backend the config names. Call it inside the tokio runtime: the redis backend
+/// starts its connection task there.
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     match config {
         StoreConfig::Memory => Ok(Arc::new(MemoryStore::default())),
-        StoreConfig::Embedded { .. } => Err(StoreError(
-            "store.backend = \"embedded\" is not yet supported; use \"memory\"".into(),
-        )),
-        StoreConfig::Redis { .. } => Err(StoreError(
-            "store.backend = \"redis\" is not yet supported; use \"memory\"".into(),
-        )),
+        StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
+        StoreConfig::Redis { url, key_prefix } => Ok(Arc::new(RedisStore::open(url, key_prefix)?)),
     }
 }

@@ -35,32 +35,45 @@ impl Revocations {
         self.revoked.insert(sid.to_string(), ());
     }
 
-    /// Pulls revocations from `store` for as long as both are in use. Holding neither
-    /// strongly lets the store close (an embedded file be released) as soon as its owner
-    /// drops it.
-    pub fn spawn_sync(self: &Arc<Self>, store: &Arc<dyn Store>) {
+    /// Pulls every revocation still listed in `store`, then keeps pulling new ones in the
+    /// background for as long as both are in use. The first pull is awaited so that a
+    /// restarted gateway never serves a token of a session revoked before it stopped; when the
+    /// store cannot answer yet, the background pulls catch up and readiness reports the store.
+    /// Holding neither strongly lets the store close (an embedded file be released) as soon as
+    /// its owner drops it.
+    pub async fn start_sync(self: &Arc<Self>, store: &Arc<dyn Store>) {
+        let mut cursor = self.pull(store.as_ref(), 0).await;
         let revocations: Weak<Revocations> = Arc::downgrade(self);
         let store = Arc::downgrade(store);
         tokio::spawn(async move {
-            let mut cursor = 0;
             let mut ticks = tokio::time::interval(SYNC_INTERVAL);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate, and the first pull is done.
+            ticks.tick().await;
             loop {
                 ticks.tick().await;
                 let (Some(revocations), Some(store)) = (revocations.upgrade(), store.upgrade())
                 else {
                     return;
                 };
-                match store.revoked_since(cursor).await {
-                    Ok((sids, next)) => {
-                        for sid in sids {
-                            revocations.insert(&sid);
-                        }
-                        cursor = next;
-                    }
-                    Err(err) => tracing::warn!(error = %err, "syncing revoked sessions failed"),
-                }
+                cursor = revocations.pull(store.as_ref(), cursor).await;
             }
         });
+    }
+
+    /// Adds the sessions revoked after `cursor`; the cursor to pass next.
+    async fn pull(&self, store: &dyn Store, cursor: u64) -> u64 {
+        match store.revoked_since(cursor).await {
+            Ok((sids, next)) => {
+                for sid in sids {
+                    self.insert(&sid);
+                }
+                next
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "syncing revoked sessions failed");
+                cursor
+            }
+        }
     }
 }

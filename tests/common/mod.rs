@@ -310,7 +310,7 @@ impl Harness {
         let text = config_text(&setup, mock_addr, upstream.addr);
         let config = Config::parse(&text, Path::new("/nonexistent/test.toml"), &|_| None)
             .unwrap_or_else(|err| panic!("test config invalid:\n{err}"));
-        let state = State::shared(config).unwrap();
+        let state = State::shared(config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped_signal) = oneshot::channel::<()>();
