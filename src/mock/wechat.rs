@@ -172,7 +172,16 @@ impl MockWechat {
                 self.phone_number(&query, request).await
             }
             (&Method::POST, "/mock/encrypt") => self.encrypt(request).await,
-            _ => text(StatusCode::NOT_FOUND, &errcode(-1, "not found")),
+            (_, "/sns/jscode2session") => {
+                self.code2session_calls.fetch_add(1, Ordering::SeqCst);
+                text(StatusCode::OK, &errcode(43001, "require GET method"))
+            }
+            (_, "/cgi-bin/stable_token" | "/wxa/business/getuserphonenumber" | "/mock/encrypt") => {
+                text(StatusCode::OK, &errcode(43002, "require POST method"))
+            }
+            // WeChat's answer to a path it does not serve: a misconfigured host shows up as
+            // a WeChat errcode, not as a network failure.
+            _ => text(StatusCode::OK, &errcode(40066, "invalid url")),
         }
     }
 
@@ -412,4 +421,301 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wechat::crypto::decrypt_open_data;
+
+    const APPID: &str = "wx00000000000000a1";
+    const OTHER_APPID: &str = "wx00000000000000b2";
+
+    struct Running {
+        mock: Arc<MockWechat>,
+        base: String,
+        http: reqwest::Client,
+    }
+
+    struct Answer {
+        status: StatusCode,
+        content_type: String,
+        body: String,
+    }
+
+    impl Answer {
+        fn json(&self) -> Value {
+            serde_json::from_str(&self.body).unwrap_or_else(|err| panic!("{err}: {}", self.body))
+        }
+    }
+
+    async fn start() -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mock = MockWechat::new();
+        tokio::spawn(mock.clone().serve(listener));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        Running { mock, base, http }
+    }
+
+    impl Running {
+        async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let body = response.text().await.unwrap();
+            Answer {
+                status,
+                content_type,
+                body,
+            }
+        }
+
+        async fn get(&self, path_and_query: &str) -> Answer {
+            self.send(self.http.get(format!("{}{path_and_query}", self.base)))
+                .await
+        }
+
+        async fn login(&self, appid: &str, code: &str) -> Value {
+            let answer = self
+                .get(&format!(
+                    "/sns/jscode2session?appid={appid}&secret=s&js_code={code}&grant_type=authorization_code"
+                ))
+                .await;
+            assert_eq!(answer.status, StatusCode::OK);
+            answer.json()
+        }
+
+        async fn encrypt(&self, body: Value) -> Answer {
+            self.send(
+                self.http
+                    .post(format!("{}/mock/encrypt", self.base))
+                    .body(body.to_string()),
+            )
+            .await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_code_works_once_then_answers_40163() {
+        let wechat = start().await;
+        let first = wechat.login(APPID, "alice").await;
+        assert_eq!(first["openid"], MockWechat::openid_for(APPID, "alice"));
+        let again = wechat.login(APPID, "alice").await;
+        assert_eq!(again["errcode"], 40163);
+        assert_eq!(again["errmsg"], "code been used");
+        // Codes are an app's own: the same code string for another app is another code.
+        let other = wechat.login(OTHER_APPID, "alice").await;
+        assert_eq!(
+            other["openid"],
+            MockWechat::openid_for(OTHER_APPID, "alice")
+        );
+        assert_eq!(wechat.mock.code2session_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn codes_pick_users_deterministically() {
+        let wechat = start().await;
+        let first = wechat.login(APPID, "bob").await;
+        let second = wechat.login(APPID, "bob-2").await;
+        let third = wechat.login(APPID, "bob-17").await;
+        assert_eq!(first, second);
+        assert_eq!(first, third);
+        assert_eq!(
+            first["session_key"],
+            MockWechat::session_key_for(APPID, "bob").expose()
+        );
+        assert_eq!(first["unionid"], MockWechat::unionid_for("bob").unwrap());
+
+        let openid = first["openid"].as_str().unwrap();
+        assert_eq!(openid.len(), 28);
+        assert!(openid.starts_with('o'));
+        assert!(
+            openid[1..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{openid}"
+        );
+        let key = STANDARD
+            .decode(first["session_key"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(key.len(), 16);
+
+        // Another app: another openid and session_key, the same unionid.
+        let elsewhere = wechat.login(OTHER_APPID, "bob-3").await;
+        assert_ne!(elsewhere["openid"], first["openid"]);
+        assert_ne!(elsewhere["session_key"], first["session_key"]);
+        assert_eq!(elsewhere["unionid"], first["unionid"]);
+
+        // Another user; a suffix that is not `-<digits>` is part of the name.
+        for code in ["carol", "bob-x", "bob-", "-2"] {
+            let answer = wechat.login(APPID, code).await;
+            assert_ne!(answer["openid"], first["openid"], "{code}");
+        }
+        let nounion = wechat.login(APPID, "nounion-dan").await;
+        assert!(nounion.get("unionid").is_none(), "{nounion}");
+        assert_eq!(MockWechat::unionid_for("nounion-dan"), None);
+    }
+
+    #[tokio::test]
+    async fn special_codes_answer_their_errcodes() {
+        let wechat = start().await;
+        for (code, expected) in [
+            ("invalid", 40029),
+            ("risky", 40226),
+            ("limited", 45011),
+            ("busy", -1),
+            ("busy", -1),
+        ] {
+            let answer = wechat.login(APPID, code).await;
+            assert_eq!(answer["errcode"], expected, "{code}");
+            assert!(answer["errmsg"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        let flaky = wechat.login(APPID, "flaky").await;
+        assert_eq!(flaky["errcode"], -1);
+        let flaky = wechat.login(APPID, "flaky").await;
+        assert_eq!(flaky["openid"], MockWechat::openid_for(APPID, "flaky"));
+
+        let garbage = wechat
+            .get("/sns/jscode2session?appid=wx1&secret=s&js_code=garbage&grant_type=authorization_code")
+            .await;
+        assert_eq!(garbage.status, StatusCode::OK);
+        assert!(serde_json::from_str::<Value>(&garbage.body).is_err());
+        assert_eq!(wechat.mock.code2session_calls(), 8);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_errcodes_not_panics() {
+        let wechat = start().await;
+        let cases = [
+            ("/sns/jscode2session", 41008),
+            (
+                "/sns/jscode2session?appid=wx1&js_code=c&grant_type=authorization_code",
+                41008,
+            ),
+            ("/sns/jscode2session?appid=wx1&secret=s&js_code=", 41008),
+            ("/sns/jscode2session?appid=wx1&secret=s&js_code=c", 40002),
+            (
+                "/sns/jscode2session?appid=%FF&secret=%&js_code=%E4&grant_type=authorization_code",
+                0,
+            ),
+            ("/cgi-bin/stable_token", 43002),
+            ("/nope", 40066),
+        ];
+        for (path, expected) in cases {
+            let answer = wechat.get(path).await;
+            assert_eq!(answer.status, StatusCode::OK, "{path}");
+            let body = answer.json();
+            assert_eq!(
+                body["errcode"].as_i64().unwrap_or(0),
+                expected,
+                "{path}: {body}"
+            );
+        }
+        let post = wechat
+            .send(
+                wechat
+                    .http
+                    .post(format!("{}/sns/jscode2session", wechat.base)),
+            )
+            .await;
+        assert_eq!(post.json()["errcode"], 43001);
+        let stable = wechat
+            .send(
+                wechat
+                    .http
+                    .post(format!("{}/cgi-bin/stable_token", wechat.base))
+                    .body("{not json"),
+            )
+            .await;
+        assert_eq!(stable.json()["errcode"], 47001);
+        assert_eq!(wechat.mock.code2session_calls(), 6);
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_json_as_text_plain() {
+        let wechat = start().await;
+        let answers = [
+            wechat.get("/sns/jscode2session?appid=wx1&secret=s&js_code=erin&grant_type=authorization_code").await,
+            wechat.get("/sns/jscode2session?appid=wx1&secret=s&js_code=invalid&grant_type=authorization_code").await,
+            wechat.get("/nope").await,
+            wechat.encrypt(json!({"appid": APPID, "openid": "o-unknown", "data": {}})).await,
+        ];
+        for answer in answers {
+            assert_eq!(answer.content_type, "text/plain", "{}", answer.body);
+            assert!(answer.json().is_object());
+        }
+    }
+
+    #[tokio::test]
+    async fn encrypted_data_opens_with_the_users_session_key() {
+        let wechat = start().await;
+        let user = wechat.login(APPID, "fay-1").await;
+        let openid = user["openid"].as_str().unwrap();
+        let answer = wechat
+            .encrypt(json!({
+                "appid": APPID,
+                "openid": openid,
+                "data": {"nickName": "Fay", "gender": 2},
+            }))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let sealed = answer.json();
+        let opened = decrypt_open_data(
+            &MockWechat::session_key_for(APPID, "fay"),
+            sealed["encryptedData"].as_str().unwrap(),
+            sealed["iv"].as_str().unwrap(),
+            APPID,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(opened),
+            json!({"nickName": "Fay", "gender": 2})
+        );
+        // The watermark names the app the openid belongs to.
+        let foreign = decrypt_open_data(
+            &MockWechat::session_key_for(APPID, "fay"),
+            sealed["encryptedData"].as_str().unwrap(),
+            sealed["iv"].as_str().unwrap(),
+            OTHER_APPID,
+        );
+        assert_eq!(
+            foreign,
+            Err(crate::wechat::crypto::OpenDataError::ForeignWatermark)
+        );
+    }
+
+    #[tokio::test]
+    async fn encrypt_refuses_unknown_users_and_bad_bodies_with_json() {
+        let wechat = start().await;
+        let user = wechat.login(APPID, "gus").await;
+        let bodies = [
+            json!({"appid": APPID, "openid": "o-nobody", "data": {}}),
+            // The openid is the user's in another app only.
+            json!({"appid": OTHER_APPID, "openid": user["openid"], "data": {}}),
+            json!({"appid": APPID, "openid": user["openid"], "data": [1, 2]}),
+            json!({"appid": APPID}),
+            json!("not an object"),
+        ];
+        for body in bodies {
+            let answer = wechat.encrypt(body.clone()).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(answer.json()["errmsg"].is_string(), "{body}");
+        }
+        let oversized = wechat
+            .send(
+                wechat
+                    .http
+                    .post(format!("{}/mock/encrypt", wechat.base))
+                    .body(vec![b' '; MAX_BODY + 1]),
+            )
+            .await;
+        assert_eq!(oversized.status, StatusCode::BAD_REQUEST);
+    }
 }

@@ -86,3 +86,201 @@ pub fn signature_matches(raw_data: &str, session_key: &Secret, signature: &str) 
         .ct_eq(signature.to_ascii_lowercase().as_bytes())
         .into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// WeChat's published sample (the open-data docs and every SDK's tests).
+    const SAMPLE_APPID: &str = "wx4f4bc4dec97d474b";
+    const SAMPLE_SESSION_KEY: &str = "tiihtNczf5v6AKRyjwEUhQ==";
+    const SAMPLE_IV: &str = "r7BXXKkLb8qrSNn05n0qiA==";
+    const SAMPLE_ENCRYPTED_DATA: &str = concat!(
+        "CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC",
+        "+oNPdbB+3hVbJSRgv+4lGOETKUQz6OYStslQ142dNCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1po",
+        "OFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn/Hz7saL",
+        "8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAY",
+        "B6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns/8wR2SiRS7MNACwTyrGvt9ts8p12PKFdlqYTopNHR1Vf7XjfhQlVsAJ",
+        "dNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb/XcxxmK01EpqO",
+        "yuxINew==",
+    );
+
+    /// WeChat's published `rawData` signature sample.
+    const SIGNATURE_SESSION_KEY: &str = "HyVFkGl5F5OQWJZZaNzBBg==";
+    const SIGNATURE_RAW_DATA: &str = r#"{"nickName":"Band","gender":1,"language":"zh_CN","city":"Guangzhou","province":"Guangdong","country":"CN","avatarUrl":"http://wx.qlogo.cn/mmopen/vi_32/1vZvI39NWFQ9XM4LtQpFrQJ1xlgZxx3w7bQxKARol6503Iuswjjn6nIGBiaycAjAtpujxyzYsrztuuICqIM5ibXQ/0"}"#;
+    const SIGNATURE: &str = "75e81ceda165f4ffa64f4068af58c64b8f54b88c";
+
+    fn sample_key() -> Secret {
+        Secret::new(SAMPLE_SESSION_KEY)
+    }
+
+    #[test]
+    fn the_official_sample_decrypts_to_band_without_its_watermark() {
+        let user = decrypt_open_data(
+            &sample_key(),
+            SAMPLE_ENCRYPTED_DATA,
+            SAMPLE_IV,
+            SAMPLE_APPID,
+        )
+        .unwrap();
+        assert_eq!(user["nickName"], "Band");
+        assert_eq!(user["openId"], "oGZUI0egBJY1zhBYw2KhdUfwVJJE");
+        assert_eq!(user["city"], "Guangzhou");
+        assert!(!user.contains_key("watermark"));
+    }
+
+    #[test]
+    fn the_official_sample_is_foreign_to_another_app() {
+        let err = decrypt_open_data(
+            &sample_key(),
+            SAMPLE_ENCRYPTED_DATA,
+            SAMPLE_IV,
+            "wx0000000000000000",
+        )
+        .unwrap_err();
+        assert_eq!(err, OpenDataError::ForeignWatermark);
+    }
+
+    #[test]
+    fn tampered_ciphertext_is_refused() {
+        let sealed = STANDARD.decode(SAMPLE_ENCRYPTED_DATA).unwrap();
+        // The last block decrypts to noise, padding included.
+        let mut tampered = sealed.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x01;
+        let err = decrypt_open_data(
+            &sample_key(),
+            &STANDARD.encode(&tampered),
+            SAMPLE_IV,
+            SAMPLE_APPID,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OpenDataError::Undecryptable | OpenDataError::ForeignWatermark
+            ),
+            "{err:?}"
+        );
+        let cut = STANDARD.encode(&sealed[..sealed.len() - 1]);
+        assert_eq!(
+            decrypt_open_data(&sample_key(), &cut, SAMPLE_IV, SAMPLE_APPID),
+            Err(OpenDataError::Undecryptable),
+            "not a whole number of blocks"
+        );
+    }
+
+    #[test]
+    fn another_session_key_cannot_decrypt() {
+        let other = Secret::new(STANDARD.encode([7u8; 16]));
+        assert_eq!(
+            decrypt_open_data(&other, SAMPLE_ENCRYPTED_DATA, SAMPLE_IV, SAMPLE_APPID),
+            Err(OpenDataError::Undecryptable)
+        );
+    }
+
+    #[test]
+    fn bad_base64_and_wrong_lengths_are_malformed() {
+        let short_key = Secret::new(STANDARD.encode([1u8; 15]));
+        let long_iv = STANDARD.encode([1u8; 17]);
+        let cases = [
+            (Secret::new("not base64!"), SAMPLE_ENCRYPTED_DATA, SAMPLE_IV),
+            (short_key, SAMPLE_ENCRYPTED_DATA, SAMPLE_IV),
+            (sample_key(), SAMPLE_ENCRYPTED_DATA, long_iv.as_str()),
+            (
+                sample_key(),
+                SAMPLE_ENCRYPTED_DATA,
+                "r7BXXKkLb8qrSNn05n0qiA",
+            ),
+            (sample_key(), "CiyLU1Aw*", SAMPLE_IV),
+        ];
+        for (key, data, iv) in &cases {
+            assert_eq!(
+                decrypt_open_data(key, data, iv, SAMPLE_APPID),
+                Err(OpenDataError::Malformed),
+                "{data:.10} {iv}"
+            );
+        }
+    }
+
+    #[test]
+    fn sealed_data_round_trips_with_a_fresh_iv_each_time() {
+        let key = Secret::new(STANDARD.encode([9u8; 16]));
+        let plaintext = serde_json::json!({
+            "stepInfoList": [{"timestamp": 1, "step": 42}],
+            "watermark": {"appid": SAMPLE_APPID, "timestamp": 1},
+        })
+        .to_string();
+        let (first, first_iv) = encrypt_open_data(&key, plaintext.as_bytes()).unwrap();
+        let (second, second_iv) = encrypt_open_data(&key, plaintext.as_bytes()).unwrap();
+        assert_ne!(first_iv, second_iv);
+        assert_ne!(first, second);
+        for (data, iv) in [(first, first_iv), (second, second_iv)] {
+            let opened = decrypt_open_data(&key, &data, &iv, SAMPLE_APPID).unwrap();
+            assert_eq!(
+                serde_json::Value::Object(opened),
+                serde_json::json!({"stepInfoList": [{"timestamp": 1, "step": 42}]})
+            );
+        }
+        assert_eq!(
+            encrypt_open_data(&Secret::new("c2hvcnQ="), b"{}"),
+            Err(OpenDataError::Malformed)
+        );
+    }
+
+    #[test]
+    fn decrypted_data_must_be_an_object_with_this_apps_watermark() {
+        let key = Secret::new(STANDARD.encode([3u8; 16]));
+        let open = |plaintext: &str| {
+            let (data, iv) = encrypt_open_data(&key, plaintext.as_bytes()).unwrap();
+            decrypt_open_data(&key, &data, &iv, SAMPLE_APPID)
+        };
+        assert_eq!(open("[1, 2]"), Err(OpenDataError::Undecryptable));
+        assert_eq!(open("not json"), Err(OpenDataError::Undecryptable));
+        assert_eq!(
+            open(r#"{"nickName": "Band"}"#),
+            Err(OpenDataError::ForeignWatermark)
+        );
+        assert_eq!(
+            open(r#"{"watermark": {"timestamp": 1}}"#),
+            Err(OpenDataError::ForeignWatermark)
+        );
+        assert_eq!(
+            open(r#"{"watermark": {"appid": 7}}"#),
+            Err(OpenDataError::ForeignWatermark)
+        );
+    }
+
+    #[test]
+    fn the_official_signature_sample_matches() {
+        let key = Secret::new(SIGNATURE_SESSION_KEY);
+        assert!(signature_matches(SIGNATURE_RAW_DATA, &key, SIGNATURE));
+        assert!(signature_matches(
+            SIGNATURE_RAW_DATA,
+            &key,
+            &SIGNATURE.to_ascii_uppercase()
+        ));
+    }
+
+    #[test]
+    fn a_changed_raw_data_key_or_signature_does_not_match() {
+        let key = Secret::new(SIGNATURE_SESSION_KEY);
+        let tampered = SIGNATURE_RAW_DATA.replace("Band", "Bond");
+        assert!(!signature_matches(&tampered, &key, SIGNATURE));
+        assert!(!signature_matches(
+            SIGNATURE_RAW_DATA,
+            &sample_key(),
+            SIGNATURE
+        ));
+        for signature in [
+            "",
+            &SIGNATURE[..39],
+            "75e81ceda165f4ffa64f4068af58c64b8f54b88d",
+        ] {
+            assert!(
+                !signature_matches(SIGNATURE_RAW_DATA, &key, signature),
+                "{signature}"
+            );
+        }
+    }
+}

@@ -5,7 +5,7 @@ mod access_token;
 pub mod crypto;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -67,24 +67,63 @@ enum Failure {
 
 /// Long-lived: kept across config reloads so the token cache and the connection pool survive.
 pub struct WechatClient {
-    http: reqwest::Client,
+    /// Built on first use, when the attempt timeout is known.
+    http: Mutex<Option<Http>>,
     access_tokens: AccessTokens,
     metrics: Arc<Metrics>,
+}
+
+/// The HTTP client, built for one attempt timeout. reqwest takes the connect timeout per
+/// client, not per request, so a reload that changes `wechat.timeout` builds a new client (and
+/// a new pool); every other reload keeps this one.
+struct Http {
+    attempt_timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl Http {
+    fn new(attempt_timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            // WeChat's API does not redirect, and following a 307 or 308 would send the
+            // stable-token body, app secret included, wherever `Location` points.
+            .redirect(reqwest::redirect::Policy::none())
+            // A connection not made in time counts as a host that cannot be reached, so the
+            // next one is tried: nothing was sent. It must give up strictly before the
+            // attempt's own timeout, or reqwest reports that timeout instead, and a timeout
+            // ends a call that carries a code. Half: a handshake slower than that leaves
+            // little of the attempt for WeChat's answer anyway.
+            .connect_timeout(attempt_timeout / 2)
+            .build()
+            .expect("an HTTP client with these settings always builds");
+        Http {
+            attempt_timeout,
+            client,
+        }
+    }
 }
 
 impl WechatClient {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         // reqwest is built without a bundled crypto provider so that ring is the only one
-        // compiled in; it must be installed once, before any client is built.
+        // compiled in; it must be installed once, before any client is built, this one's or
+        // another module's.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("an HTTP client with default settings always builds");
         WechatClient {
-            http,
+            http: Mutex::new(None),
             access_tokens: AccessTokens::default(),
             metrics,
+        }
+    }
+
+    /// The client for attempts of `attempt_timeout` (a cheap handle on the shared pool).
+    fn http(&self, attempt_timeout: Duration) -> reqwest::Client {
+        // Nothing can panic while the lock is held but building a client, which leaves the
+        // old one in place: a poisoned lock still guards a usable client.
+        let mut http = self.http.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*http {
+            Some(current) if current.attempt_timeout == attempt_timeout => current.client.clone(),
+            _ => http.insert(Http::new(attempt_timeout)).client.clone(),
         }
     }
 
@@ -109,8 +148,8 @@ impl WechatClient {
             encode(code),
         );
         let answer = self
-            .call("code2session", settings, Replay::Never, |host| {
-                self.http.get(format!("{host}/sns/jscode2session?{query}"))
+            .call("code2session", settings, Replay::Never, |http, host| {
+                http.get(format!("{host}/sns/jscode2session?{query}"))
             })
             .await?;
         let answer: Answer = accepted(answer)?;
@@ -152,14 +191,13 @@ impl WechatClient {
         loop {
             let token = self.access_tokens.get(self, settings, app).await?;
             let answer = self
-                .call("phone", settings, Replay::Never, |host| {
-                    self.http
-                        .post(format!(
-                            "{host}/wxa/business/getuserphonenumber?access_token={}",
-                            encode(token.expose())
-                        ))
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body.clone())
+                .call("phone", settings, Replay::Never, |http, host| {
+                    http.post(format!(
+                        "{host}/wxa/business/getuserphonenumber?access_token={}",
+                        encode(token.expose())
+                    ))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
                 })
                 .await?;
             // WeChat refused the token before looking at the code: sending the code again
@@ -214,9 +252,8 @@ impl WechatClient {
         })
         .to_string();
         let answer = self
-            .call("stable_token", settings, Replay::Safe, |host| {
-                self.http
-                    .post(format!("{host}/cgi-bin/stable_token"))
+            .call("stable_token", settings, Replay::Safe, |http, host| {
+                http.post(format!("{host}/cgi-bin/stable_token"))
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone())
             })
@@ -240,15 +277,16 @@ impl WechatClient {
         api: &'static str,
         settings: &WechatConfig,
         replay: Replay,
-        request: impl Fn(&str) -> RequestBuilder,
+        request: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
     ) -> Result<Value, Error> {
+        let http = self.http(settings.timeout);
         let mut last_failure = Failure::Unreachable;
         for host in &settings.hosts {
             let mut busy_retries = BUSY_BACKOFF.iter();
             loop {
                 let started = Instant::now();
                 let outcome = self
-                    .attempt(api, host, request(host), settings.timeout)
+                    .attempt(api, host, request(&http, host), settings.timeout)
                     .await;
                 let result: Cow<'static, str> = match &outcome {
                     Ok(answer) => match errcode_of(answer) {
@@ -314,7 +352,13 @@ impl WechatClient {
                 } else {
                     Failure::BadAnswer
                 };
-                tracing::warn!(api, host, elapsed_ms, error = %err, "WeChat request failed");
+                tracing::warn!(
+                    api,
+                    host,
+                    elapsed_ms,
+                    error = with_causes(&err),
+                    "WeChat request failed"
+                );
                 return Err(failure);
             }
         };
@@ -345,6 +389,23 @@ impl WechatClient {
             }
         }
     }
+}
+
+/// An error and its causes, for the log: reqwest's own message says only "error sending
+/// request". Callers pass errors stripped of their URL; a nested reqwest error, which could
+/// carry one, ends the chain.
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if cause.is::<reqwest::Error>() {
+            break;
+        }
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn failure_error(failure: Failure) -> Error {
@@ -394,5 +455,410 @@ fn map_errcode(errcode: i64) -> Error {
         other => Error::WechatUnavailable {
             wechat_errcode: Some(other),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    use super::*;
+    use crate::mock::wechat::MockWechat;
+
+    const APPID: &str = "wx00000000000000a1";
+    const APP_SECRET: &str = "app-secret-that-must-not-leak";
+
+    fn client() -> WechatClient {
+        WechatClient::new(Arc::new(Metrics::default()))
+    }
+
+    fn app() -> AppConfig {
+        AppConfig {
+            appid: APPID.to_string(),
+            secret: Secret::new(APP_SECRET),
+        }
+    }
+
+    fn settings(hosts: &[&str], timeout: Duration) -> WechatConfig {
+        WechatConfig {
+            hosts: hosts.iter().map(|host| host.to_string()).collect(),
+            timeout,
+            apps: vec![app()],
+        }
+    }
+
+    async fn start_mock() -> (Arc<MockWechat>, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = format!("http://{}", listener.local_addr().unwrap());
+        let mock = MockWechat::new();
+        tokio::spawn(mock.clone().serve(listener));
+        (mock, host)
+    }
+
+    /// A host nothing listens on.
+    fn closed_host() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    /// A host whose accept queue is full: the kernel drops further connection attempts, so
+    /// connecting to it can only time out. The listener and the connection filling its queue
+    /// are returned to be kept alive.
+    async fn unanswering_host() -> (String, TcpListener, TcpStream) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = TcpStream::connect(addr).await.unwrap();
+        (format!("http://{addr}"), listener, filler)
+    }
+
+    /// A host that answers every request with `answer`, counting requests.
+    async fn scripted_host(
+        answer: impl Fn() -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+    ) -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        tokio::spawn(crate::mock::serve(listener, move |_: Request<Incoming>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            async move { answer() }
+        }));
+        (host, hits)
+    }
+
+    fn status_answer(status: StatusCode, location: Option<String>) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{\"errcode\":0}")));
+        *response.status_mut() = status;
+        if let Some(location) = location {
+            response
+                .headers_mut()
+                .insert(http::header::LOCATION, location.parse().unwrap());
+        }
+        response
+    }
+
+    async fn exchange(
+        hosts: &[&str],
+        timeout: Duration,
+        code: &str,
+    ) -> Result<Code2Session, Error> {
+        client()
+            .exchange_code(&settings(hosts, timeout), &app(), code)
+            .await
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn an_exchange_answers_the_users_openid_unionid_and_session_key() {
+        let (mock, host) = start_mock().await;
+        let session = exchange(&[&host], TIMEOUT, "alice-1").await.unwrap();
+        assert_eq!(session.openid, MockWechat::openid_for(APPID, "alice"));
+        assert_eq!(session.unionid, MockWechat::unionid_for("alice"));
+        assert!(session.unionid.is_some());
+        assert_eq!(
+            session.session_key,
+            MockWechat::session_key_for(APPID, "alice")
+        );
+        let session = exchange(&[&host], TIMEOUT, "nounion-bob").await.unwrap();
+        assert_eq!(session.unionid, None);
+        assert_eq!(mock.code2session_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_host_fails_over_to_the_next() {
+        let (mock, host) = start_mock().await;
+        let session = exchange(&[&closed_host(), &host], TIMEOUT, "carol")
+            .await
+            .unwrap();
+        assert_eq!(session.openid, MockWechat::openid_for(APPID, "carol"));
+        assert_eq!(mock.code2session_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connect_timeout_fails_over_to_the_next_host() {
+        let (mock, host) = start_mock().await;
+        let (unanswering, _listener, _filler) = unanswering_host().await;
+        let timeout = Duration::from_millis(400);
+        let session = exchange(&[&unanswering, &host], timeout, "dave")
+            .await
+            .unwrap();
+        assert_eq!(session.openid, MockWechat::openid_for(APPID, "dave"));
+        assert_eq!(mock.code2session_calls(), 1);
+        // Alone, it is a host that could not be reached, not a timeout: nothing was sent.
+        assert_eq!(
+            exchange(&[&unanswering], timeout, "dave-2")
+                .await
+                .unwrap_err(),
+            Error::WechatUnavailable {
+                wechat_errcode: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn no_reachable_host_is_wechat_unavailable() {
+        let err = exchange(&[&closed_host(), &closed_host()], TIMEOUT, "erin")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatUnavailable {
+                wechat_errcode: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_is_tried_three_times_then_wechat_busy() {
+        let (mock, host) = start_mock().await;
+        let err = exchange(&[&host, &host], TIMEOUT, "busy")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatBusy {
+                retry_after_secs: 1
+            }
+        );
+        assert_eq!(mock.code2session_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn flaky_succeeds_after_one_busy_answer() {
+        let (mock, host) = start_mock().await;
+        let session = exchange(&[&host], TIMEOUT, "flaky").await.unwrap();
+        assert_eq!(session.openid, MockWechat::openid_for(APPID, "flaky"));
+        assert_eq!(mock.code2session_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn errcodes_map_to_the_spec_errors_without_another_host() {
+        let (mock, host) = start_mock().await;
+        let cases = [
+            (
+                "invalid",
+                Error::InvalidCode {
+                    wechat_errcode: 40029,
+                },
+            ),
+            (
+                "risky",
+                Error::WechatRiskyUser {
+                    wechat_errcode: 40226,
+                },
+            ),
+            (
+                "limited",
+                Error::RateLimited {
+                    retry_after_secs: 1,
+                    wechat_errcode: Some(45011),
+                },
+            ),
+        ];
+        for (code, expected) in &cases {
+            let err = exchange(&[&host, &host], TIMEOUT, code).await.unwrap_err();
+            assert_eq!(err, *expected, "{code}");
+        }
+        assert_eq!(mock.code2session_calls(), cases.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_used_code_is_invalid_code_40163() {
+        let (_mock, host) = start_mock().await;
+        // Two clients: each would remember its own exchange, WeChat remembers the code.
+        exchange(&[&host], TIMEOUT, "frank").await.unwrap();
+        let err = exchange(&[&host], TIMEOUT, "frank").await.unwrap_err();
+        assert_eq!(
+            err,
+            Error::InvalidCode {
+                wechat_errcode: 40163
+            }
+        );
+    }
+
+    #[test]
+    fn other_errcodes_are_wechat_unavailable_with_the_errcode() {
+        for errcode in [40013, 41008, 45009] {
+            assert_eq!(
+                map_errcode(errcode),
+                Error::WechatUnavailable {
+                    wechat_errcode: Some(errcode)
+                }
+            );
+        }
+        let answer = serde_json::json!({"errmsg": "ok", "openid": "o1"});
+        assert_eq!(errcode_of(&answer), 0, "a missing errcode means 0");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_once_connected_is_wechat_timeout_and_not_resent() {
+        let (mock, host) = start_mock().await;
+        let err = exchange(&[&host, &host], Duration::from_millis(300), "slow")
+            .await
+            .unwrap_err();
+        assert_eq!(err, Error::WechatTimeout);
+        assert_eq!(mock.code2session_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_json_is_wechat_unavailable_and_not_resent() {
+        let (mock, host) = start_mock().await;
+        let err = exchange(&[&host, &host], TIMEOUT, "garbage")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatUnavailable {
+                wechat_errcode: None
+            }
+        );
+        assert_eq!(mock.code2session_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_5xx_is_wechat_unavailable_and_the_code_is_not_resent() {
+        let (mock, host) = start_mock().await;
+        let (failing, hits) =
+            scripted_host(|| status_answer(StatusCode::INTERNAL_SERVER_ERROR, None)).await;
+        let err = exchange(&[&failing, &host], TIMEOUT, "grace")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatUnavailable {
+                wechat_errcode: None
+            }
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(mock.code2session_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let (mock, host) = start_mock().await;
+        let target = format!("{host}/sns/jscode2session?appid={APPID}&secret=x&js_code=heidi");
+        let (redirecting, hits) = scripted_host(move || {
+            status_answer(StatusCode::TEMPORARY_REDIRECT, Some(target.clone()))
+        })
+        .await;
+        let err = exchange(&[&redirecting, &host], TIMEOUT, "heidi")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatUnavailable {
+                wechat_errcode: None
+            }
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(mock.code2session_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_changed_timeout_applies_to_the_next_call() {
+        let (mock, host) = start_mock().await;
+        let client = client();
+        let slow = client
+            .exchange_code(
+                &settings(&[&host], Duration::from_millis(300)),
+                &app(),
+                "slow",
+            )
+            .await;
+        assert_eq!(slow.unwrap_err(), Error::WechatTimeout);
+        let session = client
+            .exchange_code(&settings(&[&host], TIMEOUT), &app(), "ivan")
+            .await
+            .unwrap();
+        assert_eq!(session.openid, MockWechat::openid_for(APPID, "ivan"));
+        assert_eq!(mock.code2session_calls(), 2);
+    }
+
+    /// Collects everything a `fmt` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    // The single-threaded test runtime runs the mock's tasks and the client's on this thread,
+    // so the thread's default subscriber sees every event: ours, hyper-util's and h2's.
+    // reqwest logs through `log`, which only a global logger sees: the binary's
+    // `tests/logs.rs` covers that at RUST_LOG=trace.
+    #[tokio::test]
+    async fn trace_logs_of_wechat_calls_hold_no_secret_code_or_session_key() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let (_mock, host) = start_mock().await;
+        let (redirecting, _) =
+            scripted_host(|| status_answer(StatusCode::FOUND, Some("http://127.0.0.1:9/".into())))
+                .await;
+        let client = client();
+        let quick = settings(&[&closed_host(), &host], TIMEOUT);
+        let session = client
+            .exchange_code(&quick, &app(), "leakcheck-1")
+            .await
+            .unwrap();
+        let phone = client
+            .phone_number(&quick, &app(), "leakphone-1")
+            .await
+            .unwrap();
+        assert_eq!(phone.phone_number, MockWechat::phone_for("leakphone-1"));
+        for (hosts, code) in [
+            (vec![host.as_str()], "garbage"),
+            (vec![host.as_str()], "leakcheck-2"),
+            (vec![redirecting.as_str()], "leakcheck-3"),
+        ] {
+            let _ = client
+                .exchange_code(&settings(&hosts, TIMEOUT), &app(), code)
+                .await;
+        }
+        let _ = client
+            .exchange_code(
+                &settings(&[&host], Duration::from_millis(200)),
+                &app(),
+                "slow",
+            )
+            .await;
+
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("WeChat answered"), "{logs}");
+        assert!(logs.contains("connecting to"), "hyper-util's trace: {logs}");
+        for secret in [
+            APP_SECRET,
+            "leakcheck",
+            "leakphone",
+            session.session_key.expose(),
+            "js_code",
+            "secret=",
+            "access_token=",
+        ] {
+            assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+        }
     }
 }
