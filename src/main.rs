@@ -97,10 +97,25 @@ impl From<KeyAlgorithm> for Algorithm {
     }
 }
 
+/// The scheduler, chosen by measurement: with a single worker (`TOKIO_WORKER_THREADS=1`, as
+/// a sidecar pinned to one core runs), the current-thread scheduler does the same work without
+/// the multi-thread one's cross-thread queues and wake-ups. Otherwise one worker per core.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let single_worker =
+        std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|workers| workers.trim() == "1");
+    if single_worker {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("wxgate: cannot start the runtime: {err}");

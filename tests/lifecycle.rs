@@ -36,6 +36,9 @@ impl Process {
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            // One worker, as a sidecar pinned to a core runs: the current-thread scheduler
+            // (tests/logs.rs runs the multi-thread one).
+            .env("TOKIO_WORKER_THREADS", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
