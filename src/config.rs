@@ -768,7 +768,7 @@ impl RawConfig {
             ),
         };
         let appids: Vec<&str> = wechat.apps.iter().map(|app| app.appid.as_str()).collect();
-        let routes = validate_routes(self.routes, &appids, problems);
+        let routes = validate_routes(self.routes, &appids, &server.auth_path, problems);
         Config {
             path: path.to_path_buf(),
             server,
@@ -1085,7 +1085,22 @@ fn key_file(file: &str, key: &str, folder: &Path, problems: &mut Problems) -> Op
 }
 
 fn validate_store(raw: RawStore, folder: &Path, problems: &mut Problems) -> StoreConfig {
-    match raw.backend.as_deref().unwrap_or("embedded") {
+    let backend = raw.backend.as_deref().unwrap_or("embedded");
+    // A key of another backend would be silently ignored: most often the backend line is the
+    // mistake, and the operator believes the data lives where the ignored key says.
+    for (key, present, owner) in [
+        ("store.path", raw.path.is_some(), "embedded"),
+        ("store.url", raw.url.is_some(), "redis"),
+        ("store.key_prefix", raw.key_prefix.is_some(), "redis"),
+    ] {
+        if present && backend != owner && ["memory", "embedded", "redis"].contains(&backend) {
+            problems.add(
+                key,
+                format!("applies only to backend \"{owner}\"; this store's backend is \"{backend}\""),
+            );
+        }
+    }
+    match backend {
         "memory" => StoreConfig::Memory,
         "embedded" => {
             let path = raw.path.as_deref().unwrap_or("wxgate.redb");
@@ -1279,6 +1294,7 @@ fn validate_login_hook(raw: RawLoginHook, problems: &mut Problems) -> LoginHookC
 fn validate_routes(
     raw: Vec<RawRoute>,
     appids: &[&str],
+    auth_path: &str,
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     if raw.is_empty() {
@@ -1292,6 +1308,19 @@ fn validate_routes(
         let key = format!("routes[{index}]");
         let route = validate_route(route, &key, appids, problems);
         let prefix = route.path.trim_end_matches('/');
+        // The gateway's own endpoints take precedence over routes (SPEC §4): such a route
+        // would never see a request.
+        let shadowed = (!auth_path.is_empty() && crate::routes::is_under(auth_path, prefix))
+            || prefix == crate::auth::JWKS_PATH;
+        if shadowed {
+            problems.add(
+                format!("{key}.path"),
+                format!(
+                    "lies under the gateway's own endpoints ({auth_path} or {}) and would never be reached; move it or change server.auth_path",
+                    crate::auth::JWKS_PATH
+                ),
+            );
+        }
         if let Some(first) = routes
             .iter()
             .position(|seen| seen.path.trim_end_matches('/') == prefix)
@@ -1671,7 +1700,6 @@ leeway = "0s"
 backend = "redis"
 url = "redis://127.0.0.1:6379/1"
 key_prefix = "gw:"
-path = "ignored-with-redis.redb"
 
 [identity]
 openid_header = "X-OpenID"
@@ -2411,9 +2439,7 @@ routes = 5
 
     #[test]
     fn store_backends_are_checked() {
-        let memory = parse(&format!(
-            "[store]\nbackend = \"memory\"\nurl = \"redis://x\"\n{MINIMAL}"
-        ));
+        let memory = parse(&format!("[store]\nbackend = \"memory\"\n{MINIMAL}"));
         assert_eq!(memory.unwrap().store, StoreConfig::Memory);
         let relative = parse(&format!("[store]\npath = \"data/gw.redb\"\n{MINIMAL}")).unwrap();
         assert_eq!(
@@ -2436,6 +2462,12 @@ routes = 5
             ("backend = \"Redis\"", "store.backend"),
             ("backend = \"redis\"", "store.url"),
             ("backend = \"redis\"\nurl = \"http://h\"", "store.url"),
+            ("backend = \"memory\"\nurl = \"redis://x\"", "store.url"),
+            ("path = \"gw.redb\"\nkey_prefix = \"gw:\"", "store.key_prefix"),
+            (
+                "backend = \"redis\"\nurl = \"redis://x\"\npath = \"gw.redb\"",
+                "store.path",
+            ),
         ];
         for (lines, key) in cases {
             let text = format!("[store]\n{lines}\n{MINIMAL}");
@@ -2544,6 +2576,21 @@ routes = 5
                 "routes[1].timeout",
                 "longer than zero",
             ),
+            (
+                "path = \"/auth/callback/\"\nupstream = \"http://h\"\nauth = \"public\"",
+                "routes[1].path",
+                "never be reached",
+            ),
+            (
+                "path = \"/auth\"\nupstream = \"http://h\"\nauth = \"public\"",
+                "routes[1].path",
+                "never be reached",
+            ),
+            (
+                "path = \"/.well-known/jwks.json\"\nupstream = \"http://h\"\nauth = \"public\"",
+                "routes[1].path",
+                "never be reached",
+            ),
         ];
         for (lines, key, fragment) in cases {
             let problems = problems(&route(lines));
@@ -2555,6 +2602,14 @@ routes = 5
         }
         let none = MINIMAL.split("[[routes]]").next().unwrap();
         assert_eq!(keys(&problems(none)), ["routes"]);
+
+        // A route beside the gateway's endpoints, or one that merely contains them, is fine.
+        for path in ["/authx/", "/.well-known/"] {
+            let text = route(&format!(
+                "path = \"{path}\"\nupstream = \"http://h\"\nauth = \"public\""
+            ));
+            assert!(parse(&text).is_ok(), "{path}");
+        }
 
         let fine = route(
             "path = \"/\"\nupstream = \"http://h:81\"\nauth = \"optional\"\nmethods = [\"get\", \"GET\", \"PURGE\"]",
@@ -2691,7 +2746,10 @@ timeout = \"1m 30s\"
                 &app_secret.display().to_string(),
             )
             .replace("secret = \"${WXGATE_JWT_SECRET}\"", "")
-            .replace("algorithm = \"HS256\"", "algorithm = \"ES256\"");
+            .replace("algorithm = \"HS256\"", "algorithm = \"ES256\"")
+            // The redis keys apply only with the redis backend, which is the one to try them on.
+            .replace("backend = \"embedded\"", "backend = \"redis\"")
+            .replace("path = \"wxgate.redb\"", "");
         let config = Config::parse(&uncommented, &dir.0.join("config.toml"), &env)
             .unwrap_or_else(|err| panic!("config.toml uncommented:\n{err}"));
         assert_eq!(config.wechat.apps[0].secret.expose(), "secret-from-file");
