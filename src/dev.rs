@@ -1,6 +1,7 @@
 //! `wxgate dev`: the zero-setup demo. The mock WeChat, the echo upstream and the gateway on
 //! loopback, with a walkthrough a newcomer can paste into another terminal.
 
+use std::future::Future;
 use std::path::Path;
 
 use base64::Engine;
@@ -10,30 +11,48 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::mock::{echo, wechat::MockWechat};
-use crate::state::State;
+use crate::state::{SharedState, State};
 
 const GATEWAY_ADDR: &str = "127.0.0.1:8080";
 const DEV_APPID: &str = "wxd0000000000000de";
 
+/// `wxgate dev`: the demo on 127.0.0.1:8080 until Ctrl-C.
 pub async fn run() -> anyhow::Result<()> {
-    let mock_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let mock_addr = mock_listener.local_addr()?;
-    tokio::spawn(MockWechat::new().serve(mock_listener));
-
-    let echo_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let echo_addr = echo_listener.local_addr()?;
-    tokio::spawn(echo::serve(echo_listener));
-
     let listener = TcpListener::bind(GATEWAY_ADDR).await.map_err(|err| {
         anyhow::anyhow!("cannot listen on {GATEWAY_ADDR} ({err}): is another wxgate dev running?")
     })?;
-    // A fresh random key each run: dev tokens are worthless outside this process.
-    let mut key = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut key);
-    let text = format!(
-        r#"
+    let demo = Demo::start(listener).await?;
+    println!("{}", demo.walkthrough);
+    demo.serve(crate::server::shutdown_signal()).await
+}
+
+/// The demo wired up on the gateway listener it was given, the mock WeChat and the echo
+/// upstream already serving; the gateway serves once [`Demo::serve`] is awaited.
+pub struct Demo {
+    /// What to try from another terminal: commands that work when pasted as they are.
+    pub walkthrough: String,
+    listener: TcpListener,
+    state: SharedState,
+}
+
+impl Demo {
+    pub async fn start(listener: TcpListener) -> anyhow::Result<Demo> {
+        let gateway_addr = listener.local_addr()?;
+        let mock_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mock_addr = mock_listener.local_addr()?;
+        tokio::spawn(MockWechat::new().serve(mock_listener));
+
+        let echo_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let echo_addr = echo_listener.local_addr()?;
+        tokio::spawn(echo::serve(echo_listener));
+
+        // A fresh random key each run: dev tokens are worthless outside this process.
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let text = format!(
+            r#"
 [server]
-listen = "{GATEWAY_ADDR}"
+listen = "{gateway_addr}"
 admin_listen = ""
 
 [wechat]
@@ -59,20 +78,29 @@ path = "/api/"
 upstream = "http://{echo_addr}"
 auth = "required"
 "#,
-        secret = URL_SAFE_NO_PAD.encode(key),
-    );
-    let config = Config::parse(&text, Path::new("wxgate-dev.toml"), &|_| None)?;
-    let state = State::shared(config).await?;
-    println!(
-        "{}",
-        walkthrough(&mock_addr.to_string(), &echo_addr.to_string())
-    );
-    crate::server::run(listener, state, crate::server::shutdown_signal()).await?;
-    Ok(())
+            secret = URL_SAFE_NO_PAD.encode(key),
+        );
+        let config = Config::parse(&text, Path::new("wxgate-dev.toml"), &|_| None)?;
+        let state = State::shared(config).await?;
+        Ok(Demo {
+            walkthrough: walkthrough(
+                &gateway_addr.to_string(),
+                &mock_addr.to_string(),
+                &echo_addr.to_string(),
+            ),
+            listener,
+            state,
+        })
+    }
+
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        crate::server::run(self.listener, self.state, shutdown).await?;
+        Ok(())
+    }
 }
 
-fn walkthrough(mock: &str, echo: &str) -> String {
-    let gw = format!("http://{GATEWAY_ADDR}");
+fn walkthrough(gateway: &str, mock: &str, echo: &str) -> String {
+    let gw = format!("http://{gateway}");
     format!(
         r#"wxgate dev is running:
   gateway        {gw}
@@ -80,8 +108,8 @@ fn walkthrough(mock: &str, echo: &str) -> String {
   echo upstream  http://{echo}   (answers with the headers it received)
   routes         /api/public/ → public, /api/ → required
 
-Try it from another terminal. Codes work once, like real ones; alice, alice-2, alice-3 … are
-all the same user.
+Try it from another terminal. A code stands for one wx.login: alice-1, alice-2, alice-3 …
+are all the user alice, bob-1 is another user.
 
 1. Log in with a wx.login code and keep the access token:
 

@@ -51,9 +51,10 @@ fn answer(request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "uri": uri,
         "headers": headers,
     });
-    let mut response = Response::new(Full::new(Bytes::from(
-        serde_json::to_vec_pretty(&body).unwrap_or_default(),
-    )));
+    // The closing newline keeps a shell prompt off the answer's last line.
+    let mut json = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    json.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(json)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
