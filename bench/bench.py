@@ -253,7 +253,7 @@ def main():
     procs = Procs(workdir)
     try:
         ports = {name: free_port() for name in
-                 ("upstream", "nginx", "mock", "hs", "es", "verify_nginx", "login")}
+                 ("upstream", "nginx", "plain", "mock", "hs", "es", "verify_nginx", "login")}
         upstream = nginx_conf(workdir, "upstream", f"""
     server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
         procs.start("upstream", ["nginx", "-c", upstream], core=LOAD_CORE)
@@ -264,6 +264,12 @@ def main():
         location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
     }}""")
         nginx = procs.start("nginx", ["nginx", "-c", proxy], core=PROXY_CORE)
+        plain = nginx_conf(workdir, "plain", f"""
+    server {{
+        listen 127.0.0.1:{ports['plain']};
+        location / {{ proxy_pass http://127.0.0.1:{ports['upstream']}; }}
+    }}""")
+        plain_nginx = procs.start("nginx-plain", ["nginx", "-c", plain], core=PROXY_CORE)
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"], core=LOAD_CORE)
         env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
 
@@ -314,6 +320,7 @@ def main():
         hs_token = login(ports["hs"], "bench-hs")
         targets = {
             "nginx proxy_pass": {"url": f"http://127.0.0.1:{ports['nginx']}/", "pids": lambda: [nginx.pid] + children(nginx.pid)},
+            "nginx plain": {"url": f"http://127.0.0.1:{ports['plain']}/", "pids": lambda: [plain_nginx.pid]},
             "wxgate public route": {"url": f"http://127.0.0.1:{ports['hs']}/public/", "pids": lambda: [hs.pid]},
             "wxgate required, HS256": {"url": f"http://127.0.0.1:{ports['hs']}/api/", "pids": lambda: [hs.pid],
                                        "headers": [f"Authorization: Bearer {hs_token}"]},

@@ -1096,7 +1096,9 @@ fn validate_store(raw: RawStore, folder: &Path, problems: &mut Problems) -> Stor
         if present && backend != owner && ["memory", "embedded", "redis"].contains(&backend) {
             problems.add(
                 key,
-                format!("applies only to backend \"{owner}\"; this store's backend is \"{backend}\""),
+                format!(
+                    "applies only to backend \"{owner}\"; this store's backend is \"{backend}\""
+                ),
             );
         }
     }
@@ -2463,7 +2465,10 @@ routes = 5
             ("backend = \"redis\"", "store.url"),
             ("backend = \"redis\"\nurl = \"http://h\"", "store.url"),
             ("backend = \"memory\"\nurl = \"redis://x\"", "store.url"),
-            ("path = \"gw.redb\"\nkey_prefix = \"gw:\"", "store.key_prefix"),
+            (
+                "path = \"gw.redb\"\nkey_prefix = \"gw:\"",
+                "store.key_prefix",
+            ),
             (
                 "backend = \"redis\"\nurl = \"redis://x\"\npath = \"gw.redb\"",
                 "store.path",
