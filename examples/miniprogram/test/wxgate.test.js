@@ -26,8 +26,8 @@ function stored(wx) {
   return wx.getStorageSync('wxgate.session');
 }
 
-// Breaks the stored access token's signature, as an expired or revoked token would: the
-// gateway answers 401 and the client has to renew.
+// Breaks the stored access token's signature: the gateway answers 401 invalid_token and the
+// client has to renew. (A token that really expires: expiry.test.js.)
 function spoilAccessToken(wx) {
   const session = stored(wx);
   const original = session.access_token;
@@ -408,6 +408,25 @@ test("request runs the caller's fail and complete once with the error", async ()
     );
     assert.equal(err.code, code);
     assert.deepEqual(calls, [['fail', err], ['complete', err]]);
+  }
+});
+
+test('a caller who uses only the callbacks leaves no unhandled rejection', async () => {
+  const { client } = setup('callback-xan');
+  const unhandled = [];
+  const record = (reason) => unhandled.push(reason);
+  process.on('unhandledRejection', record);
+  try {
+    const err = await new Promise((resolve) => {
+      client.request({ url: '/nowhere', fail: resolve });
+    });
+    assert.equal(err.code, 'no_route');
+    // Node reports unhandled rejections once the microtasks of a turn have run: a turn later,
+    // any there was has been reported.
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.removeListener('unhandledRejection', record);
   }
 });
 
