@@ -9,7 +9,7 @@
  * The client logs in with wx.login when it has no session, sends the access token on every
  * call, refreshes it when the gateway answers 401, and logs in again when the refresh is
  * refused. Every failure rejects with an Error carrying the gateway's error code, or one of
- * the helper's own, in `.code` (see README, "For mini-program developers").
+ * this file's own, in `.code` (see README, "For mini-program developers").
  *
  * Written in ES5 with Promises so it runs on every base library without the "ES6 to ES5"
  * compile step.
