@@ -8,8 +8,8 @@
  *
  * The client logs in with wx.login when it has no session, sends the access token on every
  * call, refreshes it when the gateway answers 401, and logs in again when the refresh is
- * refused. Every failure rejects with an Error carrying the gateway's error code in `.code`
- * (see README, "For mini-program developers").
+ * refused. Every failure rejects with an Error carrying the gateway's error code, or one of
+ * this file's own, in `.code` (see README, "For mini-program developers").
  *
  * Written in ES5 with Promises so it runs on every base library without the "ES6 to ES5"
  * compile step.
@@ -21,6 +21,9 @@ var DEFAULT_STORAGE_KEY = 'wxgate.session';
 // The refresh endpoint's answers that mean the session is over, not that the call failed:
 // only a new wx.login can get the user back in.
 var SESSION_OVER = { invalid_refresh_token: true, refresh_token_reused: true };
+
+// wx.request's callbacks: request() takes them out of the options it passes on.
+var CALLBACKS = { success: true, fail: true, complete: true };
 
 function createClient(options) {
   if (!options || typeof options.baseUrl !== 'string' || !options.baseUrl) {
@@ -141,14 +144,40 @@ function createClient(options) {
     });
   }
 
-  function request(req) {
-    if (!req || typeof req.url !== 'string' || req.url.charAt(0) !== '/') {
+  // The caller's success / fail / complete, like wx.request's, run once with the outcome the
+  // promise settles with: never once per attempt, whatever renewals and retries came between.
+  function request(options) {
+    var req = {};
+    var callbacks = {};
+    for (var name in options || {}) {
+      if (CALLBACKS[name]) callbacks[name] = options[name];
+      else req[name] = options[name];
+    }
+    var outcome;
+    if (typeof req.url !== 'string' || req.url.charAt(0) !== '/') {
       // A full URL could point at another host, and the bearer token would go with it.
-      return Promise.reject(
-        new TypeError('wxgate request: url must be a path on the gateway, like "/api/orders"')
+      var err = new TypeError('wxgate request: url must be a path on the gateway, like "/api/orders"');
+      err.code = 'bad_url';
+      err.status = 0;
+      outcome = Promise.reject(err);
+    } else {
+      outcome = authed(req, true);
+    }
+    if (callbacks.success || callbacks.fail || callbacks.complete) {
+      // Handling the rejection here also keeps a caller who uses only the callbacks from
+      // seeing an unhandled rejection, as with wx.request.
+      outcome.then(
+        function (res) {
+          if (callbacks.success) callbacks.success(res);
+          if (callbacks.complete) callbacks.complete(res);
+        },
+        function (err) {
+          if (callbacks.fail) callbacks.fail(err);
+          if (callbacks.complete) callbacks.complete(err);
+        }
       );
     }
-    return authed(req, true);
+    return outcome;
   }
 
   function logout() {
@@ -199,8 +228,6 @@ function createClient(options) {
     return new Promise(function (resolve, reject) {
       var call = {};
       for (var name in req) call[name] = req[name];
-      // The promise replaces the caller's callbacks: with a retry they would run twice.
-      delete call.complete;
       call.url = baseUrl + req.url;
       call.success = function (res) {
         if (res.statusCode < 400) resolve(res);

@@ -1,5 +1,5 @@
 // A real wxgate, the mock WeChat and a business API on free loopback ports, for the tests.
-// (Outside test/ so that `node --test examples/miniprogram/test/` does not run it as a test.)
+// (Outside test/ and not named *.test.js, so the test runner does not take it for a test.)
 'use strict';
 
 const { spawn, spawnSync } = require('node:child_process');
@@ -12,15 +12,17 @@ const REPO = path.resolve(__dirname, '..', '..', '..');
 const APPID = 'wx00000000000000aa';
 const STARTUP_TIMEOUT_MS = 30000;
 
+// `$WXGATE_BIN` as it is, else target/debug/wxgate after a `cargo build`. The build runs every
+// time, not only when the binary is missing: someone who edits the Rust code and runs only
+// these tests would otherwise test the binary of an older build, and when nothing changed the
+// build is a check of a fraction of a second.
 function binary() {
   if (process.env.WXGATE_BIN) return process.env.WXGATE_BIN;
-  const built = path.join(REPO, 'target', 'debug', 'wxgate');
-  if (!fs.existsSync(built)) {
-    // stdout would be read as test output by `node --test`: keep cargo on stderr.
-    const cargo = spawnSync('cargo', ['build'], { cwd: REPO, stdio: ['ignore', 2, 2] });
-    if (cargo.status !== 0) throw new Error('cargo build failed');
-  }
-  return built;
+  // stdout would be read as test output by `node --test`: keep cargo on stderr.
+  const cargo = spawnSync('cargo', ['build'], { cwd: REPO, stdio: ['ignore', 2, 2] });
+  if (cargo.error) throw new Error(`cannot run cargo build: ${cargo.error.message}`);
+  if (cargo.status !== 0) throw new Error('cargo build failed');
+  return path.join(REPO, 'target', 'debug', 'wxgate');
 }
 
 // Starts `wxgate ARGS` and resolves with the address of the JSON log line whose message is
@@ -92,7 +94,8 @@ function startUpstream() {
   });
 }
 
-async function startStack() {
+// `token` overrides string keys of the gateway's [token] table: { access_ttl: '1s' }.
+async function startStack({ token = {} } = {}) {
   const children = [];
   const upstream = await startUpstream();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wxgate-miniprogram-'));
@@ -111,8 +114,9 @@ hosts = ["${mock.url}"]
 appid = "${APPID}"
 secret = "test-app-secret"
 [token]
-secret = "test-jwt-secret-at-least-32-bytes-long!!"
-access_ttl = "2h"
+${Object.entries({ secret: 'test-jwt-secret-at-least-32-bytes-long!!', access_ttl: '2h', ...token })
+  .map(([key, value]) => `${key} = ${JSON.stringify(value)}`)
+  .join('\n')}
 [store]
 backend = "memory"
 # Every test logs in from 127.0.0.1: the per-IP login limit would only make them flaky.
@@ -154,12 +158,12 @@ function stopChild(child) {
   });
 }
 
-// POSTs JSON and resolves with {status, body}: for the tests' own calls to the mock and the
-// gateway, outside the client under test.
-function postJson(url, body, headers = {}) {
+// Sends a request and resolves with {status, body} (the body parsed as JSON): for the tests'
+// own calls to the mock and the gateway, outside the client under test.
+function callJson(method, url, body, headers = {}) {
   return new Promise((resolve, reject) => {
     const req = http.request(url, {
-      method: 'POST',
+      method,
       headers: { 'content-type': 'application/json', ...headers },
     });
     req.on('error', reject);
@@ -169,8 +173,16 @@ function postJson(url, body, headers = {}) {
       res.on('data', (chunk) => (text += chunk));
       res.on('end', () => resolve({ status: res.statusCode, body: text ? JSON.parse(text) : null }));
     });
-    req.end(JSON.stringify(body));
+    req.end(body === undefined ? undefined : JSON.stringify(body));
   });
 }
 
-module.exports = { startStack, postJson };
+function postJson(url, body, headers) {
+  return callJson('POST', url, body, headers);
+}
+
+function getJson(url, headers) {
+  return callJson('GET', url, undefined, headers);
+}
+
+module.exports = { startStack, postJson, getJson };

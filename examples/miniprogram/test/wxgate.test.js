@@ -3,6 +3,7 @@
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
+const { createHash } = require('node:crypto');
 
 const { createClient } = require('../wxgate.js');
 const { fakeWx } = require('../test-support/fake-wx.js');
@@ -25,8 +26,8 @@ function stored(wx) {
   return wx.getStorageSync('wxgate.session');
 }
 
-// Breaks the stored access token's signature, as an expired or revoked token would: the
-// gateway answers 401 and the client has to renew.
+// Breaks the stored access token's signature: the gateway answers 401 invalid_token and the
+// client has to renew. (A token that really expires: expiry.test.js.)
 function spoilAccessToken(wx) {
   const session = stored(wx);
   const original = session.access_token;
@@ -87,6 +88,24 @@ test('login passes encryptedData and iv on and resolves with the decrypted user'
   assert.deepEqual(answer.user, { nickName: 'Bea', avatarUrl: 'https://example.com/bea.png' });
 });
 
+// The session_key the mock WeChat gives `user` of `appid` (src/mock/wechat.rs,
+// `session_key_for`): what WeChat would hand wx.getUserInfo to sign rawData with.
+function mockSessionKey(appid, user) {
+  return createHash('sha256').update(`session_key\0${appid}\0${user}`).digest().subarray(0, 16).toString('base64');
+}
+
+test('login passes rawData and signature on, and the gateway checks them', async () => {
+  const { client } = setup('sig-wes');
+  const rawData = JSON.stringify({ nickName: 'Wes', gender: 0 });
+  const signature = createHash('sha1').update(rawData + mockSessionKey(stack.appid, 'sig-wes')).digest('hex');
+  const answer = await client.login({ rawData, signature });
+  assert.match(answer.openid, /^o/);
+
+  const forged = await rejection(client.login({ rawData: JSON.stringify({ nickName: 'Mallory' }), signature }));
+  assert.equal(forged.code, 'invalid_signature');
+  assert.equal(forged.status, 400);
+});
+
 test('request logs in first when there is no session and the upstream sees the openid', async () => {
   const { wx, client } = setup('call-carl');
   const res = await client.request({ url: '/api/orders', data: { page: 2 }, header: { 'X-Trace': 't1' } });
@@ -120,22 +139,55 @@ test('a refused access token is refreshed once and the call retried', async () =
   assert.notEqual(stored(wx).refresh_token, before, 'the rotated refresh token is kept');
 });
 
-test('ten calls refused at once share exactly one refresh', async () => {
+// Ten calls go out with a refused token; the refresh the first 401 starts is answered, but
+// its answer is held until all ten 401s are back, so the other nine meet it under way.
+async function tenRefusedAtOnce(wx, client, name) {
+  const refresh = wx.hold('POST', '/auth/refresh');
+  const calls = Promise.all(Array.from({ length: 10 }, (_, i) => client.request({ url: `/api/${name}/${i}` })));
+  await wx.whenAnswered(
+    (answers) => answers.filter((a) => a.statusCode === 401 && a.path.startsWith(`/api/${name}/`)).length === 10,
+  );
+  refresh.release();
+  return calls;
+}
+
+test('ten calls refused at once share exactly one refresh', { timeout: 30000 }, async () => {
   const { wx, client } = setup('burst-fay');
   const { openid } = await client.login();
   spoilAccessToken(wx);
-  const answers = await Promise.all(
-    Array.from({ length: 10 }, (_, i) => client.request({ url: `/api/item/${i}` })),
-  );
+  const answers = await tenRefusedAtOnce(wx, client, 'burst');
   assert.equal(wx.refreshes(), 1);
   assert.equal(wx.logins, 1);
   answers.forEach((res, i) => {
     assert.equal(res.statusCode, 200);
-    assert.equal(res.data.url, `/api/item/${i}`);
+    assert.equal(res.data.url, `/api/burst/${i}`);
     assert.equal(res.data.headers['x-wx-openid'], openid);
   });
   // Each went out twice: refused with the spoiled token, then retried with the new one.
-  for (let i = 0; i < 10; i++) assert.equal(count(wx, 'GET', `/api/item/${i}`), 2);
+  for (let i = 0; i < 10; i++) assert.equal(count(wx, 'GET', `/api/burst/${i}`), 2);
+  assert.equal(wx.answers.filter((a) => a.path.startsWith('/api/burst/') && a.statusCode === 200).length, 10);
+});
+
+test('ten calls refused at once with a refused refresh share one refresh and one new login', { timeout: 30000 }, async () => {
+  const { wx, client } = setup('burst-gil');
+  const { openid } = await client.login();
+  const session = stored(wx);
+  session.refresh_token = 'not-a-refresh-token';
+  wx.setStorageSync('wxgate.session', session);
+  spoilAccessToken(wx);
+  const answers = await tenRefusedAtOnce(wx, client, 'relogin');
+  assert.equal(wx.refreshes(), 1);
+  assert.equal(wx.logins, 2, 'the first login and exactly one new one');
+  assert.deepEqual(
+    wx.answers.filter((a) => a.path === '/auth/refresh').map((a) => a.error),
+    ['invalid_refresh_token'],
+  );
+  answers.forEach((res, i) => {
+    assert.equal(res.statusCode, 200);
+    assert.equal(res.data.url, `/api/relogin/${i}`);
+    assert.equal(res.data.headers['x-wx-openid'], openid);
+  });
+  for (let i = 0; i < 10; i++) assert.equal(count(wx, 'GET', `/api/relogin/${i}`), 2);
 });
 
 test('a call after a renewal finished uses the new token without refreshing again', async () => {
@@ -161,6 +213,25 @@ test('a refused refresh token leads to a new login and the call still succeeds',
   assert.equal(wx.refreshes(), 1);
   assert.equal(wx.logins, 2);
   assert.notEqual(stored(wx).refresh_token, 'not-a-refresh-token');
+});
+
+test('a refused refresh token is forgotten even when the new login fails', async () => {
+  const { wx, client } = setup('relogin-ivy');
+  await client.login();
+  const session = stored(wx);
+  session.refresh_token = 'not-a-refresh-token';
+  wx.setStorageSync('wxgate.session', session);
+  spoilAccessToken(wx);
+  wx.codes.push(null);
+  const err = await rejection(client.request({ url: '/api/me' }));
+  assert.equal(err.code, 'wx_login_failed');
+  assert.equal(stored(wx), '', 'the dead session is gone');
+  assert.equal(client.session(), null);
+  // The next call logs in afresh instead of sending the dead tokens again.
+  const res = await client.request({ url: '/api/me' });
+  assert.equal(res.statusCode, 200);
+  assert.equal(wx.refreshes(), 1);
+  assert.equal(count(wx, 'GET', '/api/me'), 2);
 });
 
 test('decrypt opens data sealed with the session_key, without its watermark', async () => {
@@ -240,6 +311,20 @@ test('logout with a refused access token refreshes first, so the session is stil
   assert.equal(call.body.error, 'token_revoked');
 });
 
+test('logout with a refused refresh token resolves and forgets the tokens', async () => {
+  const { wx, client } = setup('logout-nia');
+  await client.login();
+  const session = stored(wx);
+  session.refresh_token = 'not-a-refresh-token';
+  wx.setStorageSync('wxgate.session', session);
+  spoilAccessToken(wx);
+  await client.logout();
+  assert.equal(wx.refreshes(), 1);
+  assert.equal(wx.logins, 1, 'logging out never logs in');
+  assert.equal(stored(wx), '');
+  assert.equal(client.session(), null);
+});
+
 test('logout without a session makes no request', async () => {
   const { wx, client } = setup('logout-ola');
   await client.logout();
@@ -286,7 +371,63 @@ test('request refuses a full URL, so the token never leaves for another host', a
   const { wx, client } = setup('url-tia');
   const err = await rejection(client.request({ url: 'https://elsewhere.example/api' }));
   assert.ok(err instanceof TypeError);
+  assert.equal(err.code, 'bad_url');
   assert.equal(wx.requests.length, 0);
+});
+
+test("request runs the caller's success and complete once, after the renewal and retry", async () => {
+  const { wx, client } = setup('callback-vic');
+  await client.login();
+  spoilAccessToken(wx);
+  const calls = [];
+  const res = await client.request({
+    url: '/api/callbacks',
+    success: (answer) => calls.push(['success', answer]),
+    fail: (err) => calls.push(['fail', err]),
+    complete: (answer) => calls.push(['complete', answer]),
+  });
+  assert.equal(count(wx, 'GET', '/api/callbacks'), 2, 'refused once, then retried');
+  assert.deepEqual(calls, [['success', res], ['complete', res]]);
+  assert.equal(res.statusCode, 200);
+});
+
+test("request runs the caller's fail and complete once with the error", async () => {
+  const { client } = setup('callback-wu');
+  for (const [url, code] of [
+    ['/nowhere', 'no_route'],
+    ['https://elsewhere.example/api', 'bad_url'],
+  ]) {
+    const calls = [];
+    const err = await rejection(
+      client.request({
+        url,
+        success: (answer) => calls.push(['success', answer]),
+        fail: (failure) => calls.push(['fail', failure]),
+        complete: (outcome) => calls.push(['complete', outcome]),
+      }),
+    );
+    assert.equal(err.code, code);
+    assert.deepEqual(calls, [['fail', err], ['complete', err]]);
+  }
+});
+
+test('a caller who uses only the callbacks leaves no unhandled rejection', async () => {
+  const { client } = setup('callback-xan');
+  const unhandled = [];
+  const record = (reason) => unhandled.push(reason);
+  process.on('unhandledRejection', record);
+  try {
+    const err = await new Promise((resolve) => {
+      client.request({ url: '/nowhere', fail: resolve });
+    });
+    assert.equal(err.code, 'no_route');
+    // Node reports unhandled rejections once the microtasks of a turn have run: a turn later,
+    // any there was has been reported.
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.removeListener('unhandledRejection', record);
+  }
 });
 
 test('an unreachable gateway rejects with network_error', async () => {
