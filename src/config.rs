@@ -1226,6 +1226,15 @@ fn validate_identity(raw: RawIdentity, problems: &mut Problems) -> IdentityConfi
         let key = join("identity.claim_headers", &claim);
         let header = header_name(Some(&header), "x-wx-invalid", &key, problems);
         let family = header_family(header.as_str());
+        // Only claims a login hook adds become claim headers; the gateway's own (the openid,
+        // appid and unionid among them) reach the upstream through the identity headers.
+        if crate::token::RESERVED_CLAIMS.contains(&claim.as_str()) {
+            problems.add(
+                key.clone(),
+                "names a claim the gateway sets itself, never a login hook's: only hook claims \
+                 become claim headers (the openid, appid and unionid have identity.*_header)",
+            );
+        }
         if let Some((other, _)) = identity
             .iter()
             .find(|(_, name)| header_family(name.as_str()) == family)
@@ -2421,6 +2430,14 @@ routes = 5
                 "identity.claim_headers.b",
             ),
             (
+                "claim_headers = { sid = \"X-Session\" }",
+                "identity.claim_headers.sid",
+            ),
+            (
+                "claim_headers = { uid = \"X-Uid\", sub = \"X-Subject\" }",
+                "identity.claim_headers.sub",
+            ),
+            (
                 "protected_prefixes = [\"\"]",
                 "identity.protected_prefixes[0]",
             ),
@@ -2436,6 +2453,19 @@ routes = 5
         for (line, key) in cases {
             let text = format!("[identity]\n{line}\n{MINIMAL}");
             assert_eq!(keys(&problems(&text)), [key], "{line}");
+        }
+    }
+
+    #[test]
+    fn every_reserved_claim_is_refused_as_a_claim_header() {
+        for claim in crate::token::RESERVED_CLAIMS {
+            let text = format!("[identity]\nclaim_headers = {{ {claim} = \"X-C\" }}\n{MINIMAL}");
+            let problems = problems(&text);
+            let key = format!("identity.claim_headers.{claim}");
+            assert!(
+                about(&problems, &key).contains("a claim the gateway sets itself"),
+                "{problems:#?}"
+            );
         }
     }
 

@@ -153,8 +153,11 @@ pub async fn forward(
         let headers = response.headers_mut();
         headers.insert(UPGRADE, protocol);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        let expires = identity.map(|claims| claims.exp);
-        tokio::spawn(tunnel(client, upstream, expires, route.config.path.clone()));
+        let session = identity.map(|claims| {
+            let revoked = state.services.revocations.ended(claims.sid.clone());
+            (claims.exp, revoked)
+        });
+        tokio::spawn(tunnel(client, upstream, session, route.config.path.clone()));
     }
     Ok(response)
 }
@@ -171,8 +174,14 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Carries bytes both ways once both sides have switched protocols. A tunnel opened with a
-/// token closes when the token expires: the decision made at upgrade time does not outlive it.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, expires: Option<u64>, route: String) {
+/// token closes when the token expires or its session is revoked (`session`: the token's `exp`
+/// and what resolves on revocation): the decision made at upgrade time outlives neither.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    session: Option<(u64, impl Future<Output = ()>)>,
+    route: String,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(err) => {
@@ -183,11 +192,17 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, expires: Option<u64>, ro
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    match expires {
-        Some(exp) => {
+    match session {
+        Some((exp, revoked)) => {
             let left = Duration::from_secs(exp.saturating_sub(crate::token::unix_now()));
-            if tokio::time::timeout(left, copying).await.is_err() {
-                tracing::info!(%route, "upgraded connection closed: its token expired");
+            tokio::select! {
+                _ = copying => {}
+                () = tokio::time::sleep(left) => {
+                    tracing::info!(%route, "upgraded connection closed: its token expired");
+                }
+                () = revoked => {
+                    tracing::info!(%route, "upgraded connection closed: its session was revoked");
+                }
             }
         }
         None => {

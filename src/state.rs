@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::auth::{Exchanges, LoginLimiter, VerifiedTokens};
 use crate::config::{Config, ConfigError, Problem};
@@ -23,16 +23,18 @@ pub struct State {
     pub routes: RouteTable,
     pub keys: TokenKeys,
     pub identity: IdentityRules,
-    pub login_limiter: Option<LoginLimiter>,
     pub verified_tokens: VerifiedTokens,
     pub services: Arc<Services>,
 }
 
-/// What outlives a reload: connections, caches and the store.
+/// What outlives a reload: connections, caches, the store and the login rate limit's buckets.
 pub struct Services {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub exchanges: Exchanges,
+    /// `None` when the limit is off. Kept across reloads, so that a reload cannot be used to
+    /// empty every bucket; replaced only when the limit itself changes.
+    pub login_limiter: ArcSwapOption<LoginLimiter>,
     /// For the login hook: the business API, not WeChat.
     pub hook_client: reqwest::Client,
     pub revocations: Arc<Revocations>,
@@ -48,10 +50,7 @@ impl Services {
                 message: err.0,
             }],
         })?;
-        // Tokens of a revoked session stay refused for as long as any of them could be valid.
-        let revocations = Arc::new(Revocations::new(
-            config.token.access_ttl + config.token.leeway,
-        ));
+        let revocations = Arc::new(Revocations::default());
         revocations.start_sync(&store).await;
         let metrics = Arc::new(Metrics::default());
         let wechat = WechatClient::new(metrics.clone());
@@ -63,6 +62,9 @@ impl Services {
             store,
             metrics,
             exchanges: Exchanges::default(),
+            login_limiter: ArcSwapOption::from(
+                LoginLimiter::new(config.rate_limit.login_per_ip_per_minute).map(Arc::new),
+            ),
             hook_client,
             revocations,
             wechat,
@@ -72,15 +74,22 @@ impl Services {
 }
 
 impl State {
-    /// Derives everything a request needs from a validated config.
+    /// Derives everything a request needs from a validated config. The login rate limit keeps
+    /// its buckets unless the limit itself changed, in which case the services get a new one.
     pub fn new(config: Config, services: Arc<Services>) -> Result<State, ConfigError> {
         let keys = TokenKeys::from_config(&config.token).map_err(|problem| ConfigError {
             problems: vec![problem],
         })?;
+        let per_minute = config.rate_limit.login_per_ip_per_minute;
+        let limiter = services.login_limiter.load();
+        if limiter.as_ref().map_or(0, |limiter| limiter.per_minute()) != per_minute {
+            services
+                .login_limiter
+                .store(LoginLimiter::new(per_minute).map(Arc::new));
+        }
         Ok(State {
             routes: RouteTable::new(&config.routes),
             identity: IdentityRules::new(&config.identity),
-            login_limiter: LoginLimiter::new(config.rate_limit.login_per_ip_per_minute),
             verified_tokens: VerifiedTokens::new(config.token.leeway),
             keys,
             config,

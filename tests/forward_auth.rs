@@ -273,3 +273,39 @@ async fn login_through_nginx_reaches_wxgate_and_its_token_works() {
         [login["openid"].as_str().unwrap()]
     );
 }
+
+#[tokio::test]
+async fn verify_answers_under_its_path_as_envoy_asks() {
+    // Envoy's ext_authz appends the checked request's path (and query) to its path_prefix.
+    let gw = Harness::start().await;
+    let login = gw.login("vik").await;
+    let bearer = format!("Bearer {}", login["access_token"].as_str().unwrap());
+    for path in [
+        "/auth/verify/api/orders",
+        "/auth/verify/api/orders/?page=2",
+        "/auth/verify/",
+    ] {
+        let (status, headers, _) = get(&gw, &gw.url(path), &[("authorization", &bearer)]).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(headers["x-wx-openid"], login["openid"].as_str().unwrap());
+        assert_eq!(headers["x-wx-appid"], APPID);
+    }
+    // With the original request's method.
+    let (status, headers, _) = send(
+        gw.client
+            .delete(gw.url("/auth/verify/api/orders/7"))
+            .header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-wx-openid"], login["openid"].as_str().unwrap());
+
+    let (status, _, body) = get(&gw, &gw.url("/auth/verify/api/orders"), &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_token"))
+    );
+    // A sibling of the path is not under it.
+    let (status, _, body) = get(&gw, &gw.url("/auth/verifyx"), &[("authorization", &bearer)]).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("no_route")));
+}

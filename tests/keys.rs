@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use common::{APP_SECRET, APPID, Harness, Upstream, echoed_header, http_client};
 use wxgate::mock::wechat::MockWechat;
-use wxgate::{Config, State};
+use wxgate::{Config, SharedState, State};
 
 /// A fresh folder for key and config files under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -52,21 +52,16 @@ struct Gateway {
     client: reqwest::Client,
     /// The config file the gateway was started from, for `wxgate token --config`.
     config_path: PathBuf,
-    _upstream: Upstream,
+    state: SharedState,
+    mock_addr: SocketAddr,
+    upstream: Upstream,
     _stop: oneshot::Sender<()>,
 }
 
-impl Gateway {
-    /// `token` is the body of `[token]`; the config file is written into `dir`.
-    async fn start(dir: &TempDir, token: &str) -> Gateway {
-        let mock = MockWechat::new();
-        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mock_addr = mock_listener.local_addr().unwrap();
-        tokio::spawn(mock.serve(mock_listener));
-        let upstream = Upstream::start().await;
-
-        let text = format!(
-            r#"
+/// The config file, with `token` as the body of `[token]`.
+fn config_text(mock_addr: SocketAddr, upstream: SocketAddr, token: &str) -> String {
+    format!(
+        r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = ""
@@ -89,9 +84,20 @@ backend = "memory"
 path = "/api/"
 upstream = "http://{upstream}"
 auth = "required"
-"#,
-            upstream = upstream.addr,
-        );
+"#
+    )
+}
+
+impl Gateway {
+    /// `token` is the body of `[token]`; the config file is written into `dir`.
+    async fn start(dir: &TempDir, token: &str) -> Gateway {
+        let mock = MockWechat::new();
+        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock_addr = mock_listener.local_addr().unwrap();
+        tokio::spawn(mock.serve(mock_listener));
+        let upstream = Upstream::start().await;
+
+        let text = config_text(mock_addr, upstream.addr, token);
         let config_path = dir.write("config.toml", &text);
         let config = Config::parse(&text, &config_path, &|_| None)
             .unwrap_or_else(|err| panic!("test config invalid:\n{err}"));
@@ -99,16 +105,26 @@ auth = "required"
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(wxgate::run(listener, state, async move {
+        tokio::spawn(wxgate::run(listener, state.clone(), async move {
             let _ = stopped.await;
         }));
         Gateway {
             addr,
             client: http_client(),
             config_path,
-            _upstream: upstream,
+            state,
+            mock_addr,
+            upstream,
             _stop: stop,
         }
+    }
+
+    /// Rewrites the config file with `token` as the body of `[token]` and reloads it, as
+    /// SIGHUP does.
+    fn reload(&self, token: &str) {
+        let text = config_text(self.mock_addr, self.upstream.addr, token);
+        std::fs::write(&self.config_path, text).unwrap();
+        wxgate::server::reload(&self.config_path, &self.state).unwrap();
     }
 
     /// A gateway signing with `algorithm` and the private key `pem`.
@@ -464,4 +480,45 @@ async fn token_command_output_passes_a_running_gateway() {
     );
     assert!(!refused.status.success());
     assert!(refused.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn a_running_gateway_rotates_its_signing_key_on_reload() {
+    let dir = TempDir::new();
+    let old = dir.write("old.pem", &es256_private_pem());
+    let new = dir.write("new.pem", &es256_private_pem());
+    let signing =
+        |key: &Path| format!("algorithm = \"ES256\"\nsigning_key = \"{}\"", key.display());
+    let gw = Gateway::start(&dir, &signing(&old)).await;
+    let (old_token, _) = gw.login("alice").await;
+    let old_kid = split_jwt(&old_token).0["kid"].clone();
+
+    // The new key signs; the old one, kept in verify_keys, still verifies.
+    gw.reload(&format!(
+        "{}\nverify_keys = [\"{}\"]",
+        signing(&new),
+        old.display()
+    ));
+    assert_eq!(gw.call(&old_token).await.0, 200);
+    let (new_token, _) = gw.login("alice-2").await;
+    let new_kid = split_jwt(&new_token).0["kid"].clone();
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(gw.call(&new_token).await.0, 200);
+    let jwks = gw.jwks().await;
+    let kids: Vec<_> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|jwk| jwk["kid"].clone())
+        .collect();
+    assert_eq!(kids, [new_kid, old_kid]);
+
+    // Once the old key is dropped, its tokens are refused.
+    gw.reload(&signing(&new));
+    let (status, body) = gw.call(&old_token).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert_eq!(gw.call(&new_token).await.0, 200);
 }

@@ -1,17 +1,20 @@
-//! Two gateways sharing one `redis-server`, as replicas behind a load balancer, and an
-//! embedded-store gateway restarted on its file.
+//! Two gateways sharing one `redis-server`, as replicas behind a load balancer; an
+//! embedded-store gateway restarted on its file, and one killed; and what each store holds.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{APPID, Harness, RedisServer, Setup};
+use common::{
+    APPID, GatewayProcess, Harness, RedisServer, Setup, TempDir, Upstream, embedded_config,
+    http_client,
+};
 use wxgate::mock::wechat::MockWechat;
 
 async fn replicas(redis: &RedisServer) -> (Harness, Harness) {
     let store = format!(
         "backend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"replicas:\"",
-        redis.url
+        redis.url()
     );
     let first = Harness::start_with(Setup {
         store: store.clone(),
@@ -152,4 +155,213 @@ async fn an_embedded_store_keeps_sessions_and_revocations_across_a_restart() {
     );
     drop(after);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// POSTs a JSON `body` to the process: (status, JSON body or null).
+async fn post_to(
+    gw: &GatewayProcess,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut request = http_client()
+        .post(gw.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_keeps_what_it_acknowledged_through_a_crash() {
+    let mock = MockWechat::new();
+    let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_addr = mock_listener.local_addr().unwrap();
+    tokio::spawn(mock.serve(mock_listener));
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("crash");
+    let config = dir.path().join("config.toml");
+    let store = dir.path().join("wxgate.redb");
+    std::fs::write(&config, embedded_config(&store, mock_addr, upstream.addr)).unwrap();
+
+    let gw = GatewayProcess::start(&config).await;
+    let (status, kept) =
+        post_to(&gw, "/auth/login", None, serde_json::json!({"code": "ida"})).await;
+    assert_eq!(status, 200, "{kept}");
+    let (status, kept) = post_to(
+        &gw,
+        "/auth/refresh",
+        None,
+        serde_json::json!({"refresh_token": kept["refresh_token"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{kept}");
+    let (status, revoked) = post_to(
+        &gw,
+        "/auth/login",
+        None,
+        serde_json::json!({"code": "ida-2"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{revoked}");
+    let revoked_access = revoked["access_token"].as_str().unwrap();
+    let (status, _) = post_to(
+        &gw,
+        "/auth/logout",
+        Some(revoked_access),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 204);
+    // No shutdown, no flush: what was answered must already be on disk.
+    gw.kill();
+
+    let gw = GatewayProcess::start(&config).await;
+    let (status, body) = post_to(
+        &gw,
+        "/auth/refresh",
+        None,
+        serde_json::json!({"refresh_token": kept["refresh_token"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let response = http_client()
+        .get(gw.url("/api/x"))
+        .bearer_auth(revoked_access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "token_revoked");
+    let (status, body) = post_to(
+        &gw,
+        "/auth/refresh",
+        None,
+        serde_json::json!({"refresh_token": revoked["refresh_token"]}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_refresh_token"))
+    );
+}
+
+/// Logs in and refreshes once (so that a rotated token and its sealed successor are stored):
+/// the secrets the store must not hold as they are, and the session_key it must keep.
+async fn secrets_after_a_login(gw: &Harness, code: &str) -> (Vec<String>, String) {
+    let login = gw.login(code).await;
+    let (status, refreshed) = gw
+        .post(
+            "/auth/refresh",
+            None,
+            serde_json::json!({"refresh_token": login["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{refreshed}");
+    let secrets = [&login, &refreshed]
+        .iter()
+        .flat_map(|answer| [&answer["refresh_token"], &answer["access_token"]])
+        .map(|token| token.as_str().unwrap().to_string())
+        .chain([code.to_string()])
+        .collect();
+    let session_key = MockWechat::session_key_for(APPID, code)
+        .expose()
+        .to_string();
+    (secrets, session_key)
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_file_holds_no_token_or_code_as_it_is() {
+    let dir = TempDir::new("at-rest");
+    let path = dir.path().join("wxgate.redb");
+    let gw = Harness::start_with(Setup {
+        store: format!("backend = \"embedded\"\npath = \"{}\"", path.display()),
+        ..Setup::default()
+    })
+    .await;
+    let (secrets, session_key) = secrets_after_a_login(&gw, "hashcheck-9f3e1c7a").await;
+    let file = std::fs::read(&path).unwrap();
+    // The check can see what is in the file: the session_key is kept there, for decrypt.
+    assert!(contains(&file, &session_key));
+    for secret in &secrets {
+        assert!(!contains(&file, secret), "the store file holds {secret}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_holds_no_token_or_code_as_it_is_and_the_session_key_once() {
+    let redis = RedisServer::start().await;
+    let gw = Harness::start_with(Setup {
+        store: format!(
+            "backend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"at-rest:\"",
+            redis.url()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let code = "hashcheck-2b8d4e6f";
+    let (secrets, session_key) = secrets_after_a_login(&gw, code).await;
+
+    let mut client = redis.client().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    let mut holding_the_session_key = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut client)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut client)
+                    .await
+                    .unwrap(),
+            ],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut client)
+                .await
+                .unwrap(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut client)
+                .await
+                .unwrap(),
+            other => panic!("{key} is a {other}, which this check does not read"),
+        };
+        let value = parts.concat();
+        for secret in &secrets {
+            assert!(!contains(&value, secret), "{key} holds {secret}");
+        }
+        assert!(!contains(key.as_bytes(), &session_key), "{key}");
+        if contains(&value, &session_key) {
+            holding_the_session_key.push(key);
+        }
+    }
+    let openid = MockWechat::openid_for(APPID, code);
+    assert_eq!(
+        holding_the_session_key,
+        [format!("at-rest:sk:{}:{APPID}:{openid}", APPID.len())]
+    );
 }

@@ -1,9 +1,15 @@
-//! Refresh-token rotation, the race window, reuse detection and logout.
+//! Refresh-token rotation, the race window, reuse detection and logout: how long a revocation
+//! lasts, and what it ends (an open WebSocket among them).
 
 mod common;
 
-use common::Harness;
-use wxgate::store::{Rotation, seal};
+use std::time::Duration;
+
+use common::{Harness, OTHER_APPID, Setup};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use wxgate::store::{Revoked, Rotation, seal};
+use wxgate::token::MintRequest;
 
 async fn refresh(gw: &Harness, token: &str) -> (u16, serde_json::Value) {
     gw.post(
@@ -64,11 +70,12 @@ async fn a_rotated_token_presented_after_the_window_revokes_the_session() {
             seal::name("refresh", stolen.as_bytes()),
             seal::name("refresh", b"successor-held-by-the-client"),
             b"",
+            a_minute_ago + 7200,
             a_minute_ago,
         )
         .await
         .unwrap();
-    assert!(matches!(rotation, Rotation::Rotated(_)));
+    assert_eq!(rotation, Rotation::Rotated);
 
     let (status, body) = refresh(&gw, &stolen).await;
     assert_eq!(
@@ -153,4 +160,168 @@ async fn unknown_and_malformed_refresh_tokens_are_refused() {
         (status, body["error"].as_str()),
         (401, Some("missing_token"))
     );
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+async fn a_revocation_lasts_as_long_as_the_token_whatever_the_ttl_at_start() {
+    // Started with tokens of a second, reloaded to a minute: a revocation must last as long
+    // as the tokens issued now, not as those of the config the gateway started with.
+    let gw = Harness::start_with(Setup {
+        access_ttl: "1s",
+        leeway: "0s",
+        ..Setup::default()
+    })
+    .await;
+    gw.reload(Setup {
+        access_ttl: "60s",
+        leeway: "0s",
+        ..Setup::default()
+    });
+    let access = field(&gw.login("ursa").await, "access_token").to_string();
+    let (status, _) = gw
+        .post("/auth/logout", Some(&access), serde_json::json!({}))
+        .await;
+    assert_eq!(status, 204);
+    let refused = async || {
+        gw.get("/api/x", &[("authorization", &bearer(&access))])
+            .await
+            .1["error"]
+            == "token_revoked"
+    };
+    assert!(refused().await);
+    // Past the end of a revocation sized by the config at start; nothing but time can show it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(refused().await, "a logged-out token was accepted again");
+}
+
+#[tokio::test]
+async fn a_long_lived_token_is_listed_as_revoked_until_its_own_exp() {
+    // What `wxgate token --ttl 10d` mints, logged out with.
+    let gw = Harness::start().await;
+    let ttl = Duration::from_secs(10 * 24 * 3600);
+    let state = gw.state.load_full();
+    let token = wxgate::token::mint(
+        &state.config,
+        &MintRequest {
+            openid: "o-operator",
+            appid: None,
+            ttl: Some(ttl),
+        },
+    )
+    .unwrap();
+    let claims = state.keys.verify(&token).unwrap();
+    let (status, _) = gw
+        .post("/auth/logout", Some(&token), serde_json::json!({}))
+        .await;
+    assert_eq!(status, 204);
+    let (listed, _) = state.services.store.revoked_since(0).await.unwrap();
+    assert_eq!(
+        listed,
+        [Revoked {
+            sid: claims.sid,
+            // The harness's leeway: 5 s.
+            until: claims.exp + 5,
+        }]
+    );
+}
+
+#[tokio::test]
+async fn refresh_of_an_app_a_reload_removed_is_refused() {
+    let gw = Harness::start_with(Setup {
+        extra_apps: true,
+        ..Setup::default()
+    })
+    .await;
+    let (status, login) = gw
+        .login_raw(serde_json::json!({"code": "vera", "appid": OTHER_APPID}))
+        .await;
+    assert_eq!(status, 200, "{login}");
+    gw.reload(Setup::default());
+    let (status, body) = refresh(&gw, field(&login, "refresh_token")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_refresh_token"))
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_body_that_never_arrives_is_answered_400() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    // One byte of the hundred announced, then nothing.
+    let stalled = gw.raw(
+        "POST /auth/refresh HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{",
+    );
+    // The bound only keeps a gateway that waits forever from hanging the suite.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), stalled)
+        .await
+        .expect("the gateway is still waiting for the body");
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(body["message"], "the request body did not arrive in time");
+    assert_eq!(gw.get("/api/public/x", &[]).await.0, 200);
+}
+
+/// Opens a WebSocket through the gateway with `token`; answers the open stream after the 101.
+async fn websocket(gw: &Harness, path: &str, token: &str) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await.unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 101"), "{status_line}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    reader
+}
+
+#[tokio::test]
+async fn logout_closes_the_sessions_websocket() {
+    let gw = Harness::start().await;
+    let token = gw.token("wes").await;
+    let other = gw.token("wes-2").await;
+    let mut stream = websocket(&gw, "/api/ws", &token).await;
+    let mut untouched = websocket(&gw, "/api/ws", &other).await;
+    for open in [&mut stream, &mut untouched] {
+        let mut greeting = String::new();
+        open.read_line(&mut greeting).await.unwrap();
+        open.get_mut().write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        open.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+    }
+
+    let (status, _) = gw
+        .post("/auth/logout", Some(&token), serde_json::json!({}))
+        .await;
+    assert_eq!(status, 204);
+    // The gateway ends the tunnel: reading reaches its end. The bound only keeps a tunnel that
+    // stays open from hanging the suite.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the WebSocket outlived its session's logout")
+        .unwrap();
+    // Another session's stays open.
+    untouched.get_mut().write_all(b"pong").await.unwrap();
+    let mut echoed = [0u8; 4];
+    untouched.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"pong");
 }

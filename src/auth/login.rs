@@ -33,13 +33,17 @@ pub(super) struct LoginRequest {
     signature: Option<String>,
 }
 
+/// The `appid` label of login attempts refused before their app was known.
+const UNKNOWN_APP: &str = "unknown";
+
 pub(super) async fn login(
     state: &State,
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Error> {
-    // Labelled with a configured appid only, so a client cannot grow the label set.
-    let mut appid = String::new();
+    // Labelled with a configured appid only, so a client cannot grow the label set; attempts
+    // refused before their app is known count under a fixed name.
+    let mut appid = String::from(UNKNOWN_APP);
     let outcome = log_in(state, request, peer, &mut appid).await;
     let result = match &outcome {
         Ok(_) => "ok",
@@ -60,11 +64,11 @@ async fn log_in(
     peer: SocketAddr,
     appid: &mut String,
 ) -> Result<Response<Full<Bytes>>, Error> {
-    if let Some(limiter) = &state.login_limiter {
+    if let Some(limiter) = &*state.services.login_limiter.load() {
         let trusted = &state.config.server.trusted_proxies;
         limiter.check(client_ip(trusted, peer.ip(), request.headers()))?;
     }
-    let body: LoginRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    let body: LoginRequest = read_json(state, request).await?;
     check_code(&body.code)?;
     let app = resolve_app(state, body.appid.as_deref())?;
     appid.clone_from(&app.appid);
@@ -106,11 +110,6 @@ async fn log_in(
         }
     }
 
-    let store = &state.services.store;
-    store
-        .put_session_key(&app.appid, &session.openid, &session.session_key)
-        .await
-        .map_err(store_failed)?;
     let claims = match &state.config.login_hook {
         Some(hook) => {
             let facts = LoginFacts {
@@ -133,11 +132,13 @@ async fn log_in(
         expires_at: now + state.config.token.refresh_ttl.as_secs(),
     };
     let (refresh_token, refresh_name) = new_refresh_token();
-    store
-        .create_session(&record, refresh_name)
+    let (mut answer, access_until) = token_response(state, &record, refresh_token, now)?;
+    state
+        .services
+        .store
+        .create_session(&record, refresh_name, access_until)
         .await
         .map_err(store_failed)?;
-    let mut answer = token_response(state, &record, refresh_token, now)?;
     answer.user = user;
     tracing::info!(appid = %app.appid, openid = %record.openid, sid = %record.sid, "login");
     json_response(StatusCode::OK, &answer)

@@ -69,7 +69,9 @@ pub async fn handle(
     match endpoint {
         "/login" if method == Method::POST => login::login(state, request, peer).await,
         "/me" if method == Method::GET => session::me(state, request.headers()),
+        // Envoy's ext_authz appends the checked request's path to its `path_prefix`.
         "/verify" => session::verify(state, request.headers()),
+        under if under.starts_with("/verify/") => session::verify(state, request.headers()),
         "/decrypt" if method == Method::POST => open_data::decrypt(state, request).await,
         "/phone" if method == Method::POST => open_data::phone(state, request).await,
         "/refresh" if method == Method::POST => refresh::refresh(state, request).await,
@@ -157,23 +159,29 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// Reads a JSON body of at most `limit` bytes: 413 past it, 400 for anything malformed.
+/// Reads a JSON body of at most `server.max_body_bytes`: 413 past it, 400 for anything
+/// malformed, and 400 when it has not all arrived within `server.header_timeout`. These bodies
+/// are a few hundred bytes, so a client still sending after that long is stalled or holding
+/// the connection on purpose; the limit that keeps slow headers from pinning a connection
+/// applies to the body as well.
 async fn read_json<T: DeserializeOwned>(
+    state: &State,
     request: Request<Incoming>,
-    limit: u64,
 ) -> Result<T, Error> {
+    let server = &state.config.server;
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
+    if declared.is_some_and(|length| length > server.max_body_bytes) {
         return Err(Error::PayloadTooLarge);
     }
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let bytes = Limited::new(request.into_body(), limit)
-        .collect()
+    let limit = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
+    let read = Limited::new(request.into_body(), limit).collect();
+    let bytes = tokio::time::timeout(server.header_timeout, read)
         .await
+        .map_err(|_| Error::BadRequest("the request body did not arrive in time".into()))?
         .map_err(|err| {
             if err.is::<LengthLimitError>() {
                 Error::PayloadTooLarge

@@ -26,7 +26,7 @@ pub(super) async fn decrypt(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, request.headers())?;
-    let body: DecryptRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    let body: DecryptRequest = read_json(state, request).await?;
     let session_key = state
         .services
         .store
@@ -56,7 +56,7 @@ pub(super) async fn phone(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, request.headers())?;
-    let body: PhoneRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    let body: PhoneRequest = read_json(state, request).await?;
     check_code(&body.code)?;
     let app = state
         .config

@@ -52,14 +52,16 @@ pub(super) fn new_refresh_token() -> (String, seal::Name) {
     (token, name)
 }
 
-/// An access token for `session` and the token response around it and `refresh_token`.
+/// An access token for `session` and the token response around it and `refresh_token`; and
+/// until when (unix seconds) that access token will be accepted, `exp` plus leeway, for the
+/// store to list a revocation of the session that long.
 pub(super) fn token_response(
     state: &State,
     session: &SessionRecord,
     refresh_token: String,
     now: u64,
-) -> Result<TokenResponse, Error> {
-    let (access_token, _) = state.keys.issue(
+) -> Result<(TokenResponse, u64), Error> {
+    let (access_token, claims) = state.keys.issue(
         &Subject {
             appid: &session.appid,
             openid: &session.openid,
@@ -68,7 +70,7 @@ pub(super) fn token_response(
         },
         session.claims.clone(),
     )?;
-    Ok(TokenResponse {
+    let response = TokenResponse {
         access_token,
         token_type: "Bearer".into(),
         expires_in: state.keys.access_ttl().as_secs(),
@@ -77,14 +79,20 @@ pub(super) fn token_response(
         openid: session.openid.clone(),
         unionid: session.unionid.clone(),
         user: None,
-    })
+    };
+    Ok((response, accepted_until(state, claims.exp)))
+}
+
+/// Until when (unix seconds) verification accepts a token that expires at `exp`.
+fn accepted_until(state: &State, exp: u64) -> u64 {
+    exp.saturating_add(state.config.token.leeway.as_secs())
 }
 
 pub(super) async fn refresh(
     state: &State,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Error> {
-    let body: RefreshRequest = read_json(request, state.config.server.max_body_bytes).await?;
+    let body: RefreshRequest = read_json(state, request).await?;
     let presented = body.refresh_token.as_bytes();
     let old = seal::name(REFRESH, presented);
     let now = unix_now();
@@ -94,25 +102,36 @@ pub(super) async fn refresh(
         .await
         .map_err(store_failed)?
         .ok_or(Error::InvalidRefreshToken)?;
+    // A session of an app that a reload removed issues nothing more: every route would refuse
+    // the tokens anyway.
+    if !state
+        .config
+        .wechat
+        .apps
+        .iter()
+        .any(|app| app.appid == session.appid)
+    {
+        return Err(Error::InvalidRefreshToken);
+    }
 
     let (refresh_token, new) = new_refresh_token();
-    let successor = token_response(state, &session, refresh_token, now)?;
+    let (successor, access_until) = token_response(state, &session, refresh_token, now)?;
     let sealed = seal::seal(
         REFRESH,
         presented,
         &serde_json::to_vec(&successor).map_err(|_| Error::Internal)?,
     );
     match store
-        .rotate_refresh(old, new, &sealed, now)
+        .rotate_refresh(old, new, &sealed, access_until, now)
         .await
         .map_err(store_failed)?
     {
-        Rotation::Rotated(_) => json_response(StatusCode::OK, &successor),
+        Rotation::Rotated => json_response(StatusCode::OK, &successor),
         Rotation::AlreadyRotated {
-            rotated_at,
+            age_secs,
             sealed_successor,
             ..
-        } if now.saturating_sub(rotated_at) <= RACE_WINDOW_SECS => {
+        } if age_secs <= RACE_WINDOW_SECS => {
             let earlier: TokenResponse = seal::open(REFRESH, presented, &sealed_successor)
                 .and_then(|json| serde_json::from_slice(&json).ok())
                 .ok_or(Error::InvalidRefreshToken)?;
@@ -120,7 +139,11 @@ pub(super) async fn refresh(
         }
         Rotation::AlreadyRotated { session, .. } => {
             tracing::warn!(sid = %session.sid, "a rotated refresh token was presented again: session revoked");
-            revoke(state, &session.sid).await?;
+            // The store lists the revocation as long as the session's last access token lives;
+            // a token of the current lifetime issued now is the floor, for sessions recorded
+            // before the store kept that.
+            let floor = accepted_until(state, now + state.keys.access_ttl().as_secs());
+            revoke(state, &session.sid, floor).await?;
             Err(Error::RefreshTokenReused)
         }
         Rotation::Unknown => Err(Error::InvalidRefreshToken),
@@ -132,20 +155,24 @@ pub(super) async fn logout(
     headers: &HeaderMap,
 ) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, headers)?;
-    revoke(state, &claims.sid).await?;
+    revoke(state, &claims.sid, accepted_until(state, claims.exp)).await?;
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
 }
 
-/// Ends a session here at once, and everywhere once the other replicas sync.
-async fn revoke(state: &State, sid: &str) -> Result<(), Error> {
-    state.services.revocations.insert(sid);
-    let token = &state.config.token;
-    state
+/// Ends a session here at once, and everywhere once the other replicas sync: its tokens are
+/// refused until `until` (unix seconds), or longer when the store knows of a later token of
+/// the session.
+async fn revoke(state: &State, sid: &str, until: u64) -> Result<(), Error> {
+    let revocations = &state.services.revocations;
+    revocations.insert(sid, until);
+    let listed_until = state
         .services
         .store
-        .revoke_session(sid, token.access_ttl + token.leeway)
+        .revoke_session(sid, until)
         .await
-        .map_err(store_failed)
+        .map_err(store_failed)?;
+    revocations.insert(sid, listed_until);
+    Ok(())
 }

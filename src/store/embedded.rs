@@ -29,13 +29,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Digest, ExchangeClaim, Rotation, SessionRecord, Store, StoreError};
+use super::{Digest, ExchangeClaim, Revoked, Rotation, SessionRecord, Store, StoreError};
 use crate::config::Secret;
 
 /// (appid, openid) → the newest session_key. Kept like the memory store keeps it: one per user,
 /// replaced at each login, never expiring.
 const SESSION_KEYS: TableDefinition<(&str, &str), &str> = TableDefinition::new("session_keys");
-/// sid → [`SessionRecord`]; removed when the session is revoked.
+/// sid → [`StoredSession`]; removed when the session is revoked.
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Refresh-token digest → [`RefreshMeta`], with the sealed successor once rotated.
 const REFRESH: TableDefinition<&Digest, &[u8]> = TableDefinition::new("refresh_tokens");
@@ -66,6 +66,32 @@ mod kind {
     pub const REFRESH: u8 = 1;
     pub const REVOKED: u8 = 2;
     pub const EXCHANGE: u8 = 3;
+}
+
+/// A session as stored: its record, and how long its access tokens can be accepted. Kept until
+/// both have ended, so that revoking an expired session still lists it as long as its last
+/// access token lives.
+#[derive(Serialize, serde::Deserialize)]
+struct StoredSession {
+    #[serde(flatten)]
+    record: SessionRecord,
+    /// Unix seconds. Absent from records written before it was kept: then 0, and a revocation
+    /// is listed for as long as the token it was made with.
+    #[serde(default)]
+    access_until: u64,
+}
+
+impl StoredSession {
+    fn deadline_ms(&self) -> u64 {
+        self.record
+            .expires_at
+            .max(self.access_until)
+            .saturating_mul(1000)
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        encode(self.deadline_ms(), self, &[])
+    }
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -378,12 +404,18 @@ impl Store for EmbeddedStore {
         &self,
         session: &SessionRecord,
         refresh: Digest,
+        access_until: u64,
     ) -> Result<(), StoreError> {
-        let deadline_ms = session.expires_at.saturating_mul(1000);
+        let stored = StoredSession {
+            record: session.clone(),
+            access_until,
+        };
+        let session_deadline_ms = stored.deadline_ms();
+        let record = stored.encode()?;
         let sid = session.sid.clone();
-        let record = encode(deadline_ms, session, &[])?;
+        let refresh_deadline_ms = session.expires_at.saturating_mul(1000);
         let refresh_entry = encode(
-            deadline_ms,
+            refresh_deadline_ms,
             &RefreshMeta {
                 sid: sid.clone(),
                 rotated_at: None,
@@ -395,12 +427,12 @@ impl Store for EmbeddedStore {
                 .sessions
                 .insert(sid.as_str(), record.as_slice())
                 .map_err(failed)?;
-            tables.expire_at(deadline_ms, kind::SESSION, sid.as_bytes())?;
+            tables.expire_at(session_deadline_ms, kind::SESSION, sid.as_bytes())?;
             tables
                 .refresh
                 .insert(&refresh, refresh_entry.as_slice())
                 .map_err(failed)?;
-            tables.expire_at(deadline_ms, kind::REFRESH, &refresh)
+            tables.expire_at(refresh_deadline_ms, kind::REFRESH, &refresh)
         })
         .await
     }
@@ -413,7 +445,7 @@ impl Store for EmbeddedStore {
         self.read(move |txn| {
             let tokens = txn.open_table(REFRESH).map_err(failed)?;
             let sessions = txn.open_table(SESSIONS).map_err(failed)?;
-            Ok(find_refresh(&tokens, &sessions, &refresh, now)?.map(|(_, session)| session))
+            Ok(find_refresh(&tokens, &sessions, &refresh, now)?.map(|(_, session)| session.record))
         })
         .await
     }
@@ -423,22 +455,36 @@ impl Store for EmbeddedStore {
         old: Digest,
         new: Digest,
         sealed_successor: &[u8],
+        access_until: u64,
         now: u64,
     ) -> Result<Rotation, StoreError> {
         let sealed_successor = sealed_successor.to_vec();
         self.write(move |tables, _| {
-            let Some((entry, session)) =
+            let Some((entry, mut stored)) =
                 find_refresh(&tables.refresh, &tables.sessions, &old, now)?
             else {
                 return Ok(Rotation::Unknown);
             };
             if let Some(rotated_at) = entry.meta.rotated_at {
                 return Ok(Rotation::AlreadyRotated {
-                    session,
-                    rotated_at,
+                    session: stored.record,
+                    age_secs: now.saturating_sub(rotated_at),
                     sealed_successor: entry.blob,
                 });
             }
+            if access_until > stored.access_until {
+                stored.access_until = access_until;
+                tables
+                    .sessions
+                    .insert(stored.record.sid.as_str(), stored.encode()?.as_slice())
+                    .map_err(failed)?;
+                tables.expire_at(
+                    stored.deadline_ms(),
+                    kind::SESSION,
+                    stored.record.sid.as_bytes(),
+                )?;
+            }
+            let session = stored.record;
             let deadline_ms = session.expires_at.saturating_mul(1000);
             let rotated = encode(
                 deadline_ms,
@@ -465,7 +511,7 @@ impl Store for EmbeddedStore {
                 .insert(&new, current.as_slice())
                 .map_err(failed)?;
             tables.expire_at(deadline_ms, kind::REFRESH, &new)?;
-            Ok(Rotation::Rotated(session))
+            Ok(Rotation::Rotated)
         })
         .await
     }
@@ -473,31 +519,36 @@ impl Store for EmbeddedStore {
     /// Removing the session is what stops its refresh tokens: each names its session, and one
     /// whose session is gone is unknown. They stay until their deadline, when the sweep takes
     /// them, rather than being looked for now.
-    async fn revoke_session(&self, sid: &str, listed_for: Duration) -> Result<(), StoreError> {
+    async fn revoke_session(&self, sid: &str, until: u64) -> Result<u64, StoreError> {
         let sid = sid.to_string();
-        self.write(move |tables, now_ms| {
-            tables.sessions.remove(sid.as_str()).map_err(failed)?;
+        self.write(move |tables, _| {
+            let recorded = match tables.sessions.remove(sid.as_str()).map_err(failed)? {
+                Some(value) => decode::<StoredSession>(value.value())?.meta.access_until,
+                None => 0,
+            };
+            let until = until.max(recorded);
             let last = tables.meta.get(REVOCATION_SEQ).map_err(failed)?;
             let seq = last.map_or(0, |seq| seq.value()) + 1;
             tables.meta.insert(REVOCATION_SEQ, seq).map_err(failed)?;
-            let until_ms = after(now_ms, listed_for);
+            let until_ms = until.saturating_mul(1000);
             tables
                 .revoked
                 .insert(seq, encode(until_ms, &sid, &[])?.as_slice())
                 .map_err(failed)?;
-            tables.expire_at(until_ms, kind::REVOKED, &seq.to_be_bytes())
+            tables.expire_at(until_ms, kind::REVOKED, &seq.to_be_bytes())?;
+            Ok(until)
         })
         .await
     }
 
-    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<String>, u64), StoreError> {
+    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<Revoked>, u64), StoreError> {
         self.read(move |txn| {
             let now_ms = unix_ms();
             let meta = txn.open_table(META).map_err(failed)?;
             let last = meta.get(REVOCATION_SEQ).map_err(failed)?;
             let seq = last.map_or(0, |seq| seq.value());
             let revoked = txn.open_table(REVOKED).map_err(failed)?;
-            let mut sids = Vec::new();
+            let mut listed = Vec::new();
             for entry in revoked
                 .range((Bound::Excluded(cursor), Bound::Unbounded))
                 .map_err(failed)?
@@ -505,10 +556,13 @@ impl Store for EmbeddedStore {
                 let (_, value) = entry.map_err(failed)?;
                 let record: Record<String> = decode(value.value())?;
                 if record.deadline_ms > now_ms {
-                    sids.push(record.meta);
+                    listed.push(Revoked {
+                        sid: record.meta,
+                        until: record.deadline_ms.div_ceil(1000),
+                    });
                 }
             }
-            Ok((sids, seq))
+            Ok((listed, seq))
         })
         .await
     }
@@ -581,7 +635,7 @@ fn find_refresh(
     sessions: &impl ReadableTable<&'static str, &'static [u8]>,
     name: &Digest,
     now: u64,
-) -> Result<Option<(Record<RefreshMeta>, SessionRecord)>, StoreError> {
+) -> Result<Option<(Record<RefreshMeta>, StoredSession)>, StoreError> {
     let Some(entry) = tokens.get(name).map_err(failed)? else {
         return Ok(None);
     };
@@ -589,8 +643,8 @@ fn find_refresh(
     let Some(session) = sessions.get(entry.meta.sid.as_str()).map_err(failed)? else {
         return Ok(None);
     };
-    let session: SessionRecord = decode(session.value())?.meta;
-    Ok((session.expires_at > now).then_some((entry, session)))
+    let session: StoredSession = decode(session.value())?.meta;
+    Ok((session.record.expires_at > now).then_some((entry, session)))
 }
 
 /// An expiring value as stored: `[deadline: u64 LE, unix ms][meta length: u32 LE][meta: JSON]
@@ -694,11 +748,11 @@ mod tests {
     async fn expired_entries_are_swept_by_later_writes() {
         let store = store();
         store
-            .create_session(&session("s-old", unix_now() - 10), [1; 32])
+            .create_session(&session("s-old", unix_now() - 10), [1; 32], unix_now() - 5)
             .await
             .unwrap();
         store
-            .revoke_session("s-gone", Duration::ZERO)
+            .revoke_session("s-gone", unix_now() - 1)
             .await
             .unwrap();
         store.claim_exchange([2; 32], Duration::ZERO).await.unwrap();
@@ -761,7 +815,7 @@ mod tests {
         // record fails, either way.
         let session_key = Secret::new("sk");
         let (rotation, put) = tokio::join!(
-            store.rotate_refresh([4; 32], [5; 32], b"", unix_now()),
+            store.rotate_refresh([4; 32], [5; 32], b"", unix_now(), unix_now()),
             store.put_session_key("wx1", "o-1", &session_key),
         );
         assert!(rotation.is_err());

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Digest, ExchangeClaim, Rotation, SessionRecord, Store, StoreError};
+use super::{Digest, ExchangeClaim, Revoked, Rotation, SessionRecord, Store, StoreError};
 use crate::config::Secret;
 use crate::token::unix_now;
 
@@ -20,15 +20,21 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     session_keys: HashMap<(String, String), Secret>,
-    sessions: HashMap<String, SessionRecord>,
+    sessions: HashMap<String, Session>,
     refresh_tokens: HashMap<Digest, RefreshEntry>,
-    /// (sequence number, sid, listed until).
-    revoked: Vec<(u64, String, Instant)>,
+    /// (sequence number, the revoked session listed until a unix second).
+    revoked: Vec<(u64, Revoked)>,
     revocation_seq: u64,
     exchanges: HashMap<Digest, (Option<Vec<u8>>, Instant)>,
     /// Expired entries are swept when the maps reach this size, so a sweep's cost is spread
     /// over the inserts that grew them to it.
     sweep_at: usize,
+}
+
+struct Session {
+    record: SessionRecord,
+    /// Unix seconds: until then the latest access token issued for the session is accepted.
+    access_until: u64,
 }
 
 struct RefreshEntry {
@@ -46,12 +52,13 @@ impl Inner {
             return;
         }
         let (now, unix) = (Instant::now(), unix_now());
-        self.sessions.retain(|_, session| session.expires_at > unix);
+        self.sessions
+            .retain(|_, session| session.record.expires_at > unix || session.access_until > unix);
         let sessions = &self.sessions;
         self.refresh_tokens
             .retain(|_, entry| sessions.contains_key(&entry.sid));
         self.exchanges.retain(|_, (_, until)| *until > now);
-        self.revoked.retain(|(_, _, until)| *until > now);
+        self.revoked.retain(|(_, revoked)| revoked.until > unix);
         self.sweep_at =
             ((self.refresh_tokens.len() + self.exchanges.len()) * 2).max(FIRST_SWEEP_AT);
     }
@@ -59,6 +66,7 @@ impl Inner {
     fn live_session(&self, sid: &str, now: u64) -> Option<&SessionRecord> {
         self.sessions
             .get(sid)
+            .map(|session| &session.record)
             .filter(|session| session.expires_at > now)
     }
 }
@@ -95,10 +103,17 @@ impl Store for MemoryStore {
         &self,
         session: &SessionRecord,
         refresh: Digest,
+        access_until: u64,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         inner.sweep_if_due();
-        inner.sessions.insert(session.sid.clone(), session.clone());
+        inner.sessions.insert(
+            session.sid.clone(),
+            Session {
+                record: session.clone(),
+                access_until,
+            },
+        );
         inner.refresh_tokens.insert(
             refresh,
             RefreshEntry {
@@ -127,6 +142,7 @@ impl Store for MemoryStore {
         old: Digest,
         new: Digest,
         sealed_successor: &[u8],
+        access_until: u64,
         now: u64,
     ) -> Result<Rotation, StoreError> {
         let mut inner = self.lock();
@@ -139,7 +155,7 @@ impl Store for MemoryStore {
         if let Some((rotated_at, sealed)) = &entry.rotated {
             return Ok(Rotation::AlreadyRotated {
                 session,
-                rotated_at: *rotated_at,
+                age_secs: now.saturating_sub(*rotated_at),
                 sealed_successor: sealed.clone(),
             });
         }
@@ -147,34 +163,45 @@ impl Store for MemoryStore {
         if let Some(entry) = inner.refresh_tokens.get_mut(&old) {
             entry.rotated = Some((now, sealed_successor.to_vec()));
         }
+        if let Some(session) = inner.sessions.get_mut(&sid) {
+            session.access_until = session.access_until.max(access_until);
+        }
         inner
             .refresh_tokens
             .insert(new, RefreshEntry { sid, rotated: None });
-        Ok(Rotation::Rotated(session))
+        Ok(Rotation::Rotated)
     }
 
-    async fn revoke_session(&self, sid: &str, listed_for: Duration) -> Result<(), StoreError> {
+    async fn revoke_session(&self, sid: &str, until: u64) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        inner.sessions.remove(sid);
+        let recorded = inner
+            .sessions
+            .remove(sid)
+            .map_or(0, |session| session.access_until);
         inner.refresh_tokens.retain(|_, entry| entry.sid != sid);
         inner.revocation_seq += 1;
         let seq = inner.revocation_seq;
-        inner
-            .revoked
-            .push((seq, sid.to_string(), Instant::now() + listed_for));
-        Ok(())
+        let until = until.max(recorded);
+        inner.revoked.push((
+            seq,
+            Revoked {
+                sid: sid.to_string(),
+                until,
+            },
+        ));
+        Ok(until)
     }
 
-    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<String>, u64), StoreError> {
+    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<Revoked>, u64), StoreError> {
         let inner = self.lock();
-        let now = Instant::now();
-        let sids = inner
+        let now = unix_now();
+        let listed = inner
             .revoked
             .iter()
-            .filter(|(seq, _, until)| *seq > cursor && *until > now)
-            .map(|(_, sid, _)| sid.clone())
+            .filter(|(seq, revoked)| *seq > cursor && revoked.until > now)
+            .map(|(_, revoked)| revoked.clone())
             .collect();
-        Ok((sids, inner.revocation_seq))
+        Ok((listed, inner.revocation_seq))
     }
 
     async fn claim_exchange(

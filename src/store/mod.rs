@@ -49,15 +49,24 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rotation {
     /// It was the session's current token; now `new` is.
-    Rotated(SessionRecord),
-    /// It had been rotated already, at `rotated_at` (unix seconds), leaving `sealed_successor`.
+    Rotated,
+    /// It had been rotated already, `age_secs` ago, leaving `sealed_successor`.
     AlreadyRotated {
         session: SessionRecord,
-        rotated_at: u64,
+        age_secs: u64,
         sealed_successor: Vec<u8>,
     },
     /// Unknown, expired, or its session was revoked.
     Unknown,
+}
+
+/// A revoked session, as [`Store::revoked_since`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revoked {
+    pub sid: String,
+    /// Unix seconds: until then a token of the session could still be accepted, so it must be
+    /// refused.
+    pub until: u64,
 }
 
 /// Who exchanges a login code with WeChat when several replicas receive it at once.
@@ -84,11 +93,13 @@ pub trait Store: Send + Sync {
 
     async fn session_key(&self, appid: &str, openid: &str) -> Result<Option<Secret>, StoreError>;
 
-    /// Records a new session whose current refresh token is `refresh`.
+    /// Records a new session whose current refresh token is `refresh`, and `access_until`
+    /// (unix seconds): until then the access token issued with it is accepted.
     async fn create_session(
         &self,
         session: &SessionRecord,
         refresh: Digest,
+        access_until: u64,
     ) -> Result<(), StoreError>;
 
     /// The live session a refresh token belongs to, rotated or not.
@@ -98,22 +109,29 @@ pub trait Store: Send + Sync {
         now: u64,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
-    /// Atomically: if `old` is its session's current token, makes `new` current and keeps
-    /// `sealed_successor` with `old`; otherwise reports what `old` is.
+    /// Atomically: if `old` is its session's current token, makes `new` current, keeps
+    /// `sealed_successor` with `old` and records that the session's access tokens may now be
+    /// accepted until `access_until` (unix seconds); otherwise reports what `old` is.
+    ///
+    /// `now` (unix seconds) is the caller's clock. A store shared by replicas times rotations
+    /// by its own clock instead, so that the age it reports means the same on every replica
+    /// whatever their clocks say.
     async fn rotate_refresh(
         &self,
         old: Digest,
         new: Digest,
         sealed_successor: &[u8],
+        access_until: u64,
         now: u64,
     ) -> Result<Rotation, StoreError>;
 
     /// Ends the session: its refresh tokens stop working, and its sid is listed by
-    /// [`Store::revoked_since`] for `listed_for` (as long as its access tokens can live).
-    async fn revoke_session(&self, sid: &str, listed_for: Duration) -> Result<(), StoreError>;
+    /// [`Store::revoked_since`] until `until` (unix seconds) or, when later, until the last
+    /// access token recorded for the session stops being accepted. Answers the listing's end.
+    async fn revoke_session(&self, sid: &str, until: u64) -> Result<u64, StoreError>;
 
     /// Sessions revoked after `cursor` (0: all still listed), and the cursor to pass next.
-    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<String>, u64), StoreError>;
+    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<Revoked>, u64), StoreError>;
 
     /// Claims the exchange of the code named `code` for `ttl`.
     async fn claim_exchange(

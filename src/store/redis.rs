@@ -8,18 +8,23 @@
 //! - `P session:{sid}`: the [`SessionRecord`] as JSON, until `expires_at`; deleted on
 //!   revocation.
 //! - `P refresh:{hex digest}`: a hash of `sid` and `exp` (the session's `expires_at`), and once
-//!   rotated `rotated_at` and the sealed `successor`; until `exp`.
+//!   rotated `rotated_at` (by the redis server's clock) and the sealed `successor`; until `exp`.
+//! - `P access:{sid}`: until when (unix s) the session's latest access token is accepted, for
+//!   revocations to be listed that long; until then or the session's end, whichever is later.
 //! - `P exchange:{hex digest}`: `c` while claimed, then `d` followed by the sealed outcome;
 //!   for the claim's, then the outcome's, ttl.
-//! - `P revoked` (sorted set: sid by revocation sequence number), `P revoked:until` (sorted set:
-//!   sid by the end of its listing, unix ms) and `P revoked:seq` (the last sequence number,
-//!   from `INCR`): as long as the longest listing in them.
+//! - `P revoked` (sorted set: sid by revocation sequence number) and `P revoked:until` (sorted
+//!   set: sid by the end of its listing, unix ms): as long as the longest listing in them.
+//!   `P revoked:seq` (the last sequence number, from `INCR`) has no TTL: it is one small key,
+//!   and a counter that started again from 0 while replicas hold cursors past it would hide
+//!   new revocations from them until the count caught up.
 //!
 //! What must be atomic across replicas runs as one Lua script: creating a session, rotating a
 //! refresh token, revoking a session, claiming a code exchange. A refresh token counts only
 //! while its session's key exists, so a revocation stops all of a session's tokens by deleting
 //! that one key, without looking for them. The revocation cursor is the server's own `INCR`
-//! sequence, never a replica's clock. The scripts use only commands of redis 4.0 and later, as
+//! sequence, and the refresh race window is timed by the server's `TIME`, never by a replica's
+//! clock: replicas whose clocks disagree still agree on both. The scripts use only commands of redis 4.0 and later, as
 //! managed redis services often run older servers; and since a script reaches a session
 //! through the sid in a refresh entry (a key it was not handed), they need a single redis
 //! server, not a cluster.
@@ -34,7 +39,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script};
 
-use super::{Digest, ExchangeClaim, Rotation, SessionRecord, Store, StoreError};
+use super::{Digest, ExchangeClaim, Revoked, Rotation, SessionRecord, Store, StoreError};
 use crate::config::Secret;
 
 /// How long a connection attempt may take, and how often one is retried before the commands
@@ -100,6 +105,11 @@ impl RedisStore {
     /// The session keys' common start: scripts append the sid they find in a refresh entry.
     fn session_prefix(&self) -> String {
         format!("{}session:", self.prefix)
+    }
+
+    /// Likewise for the keys that record how long a session's access tokens live.
+    fn access_prefix(&self) -> String {
+        format!("{}access:", self.prefix)
     }
 
     fn refresh_key(&self, digest: &Digest) -> String {
@@ -185,8 +195,9 @@ return 1
     )
 });
 
-/// KEYS: the session, its refresh entry, its user's session_key.
-/// ARGV: the session as JSON, sid, expires_at (unix s), expires_at (unix ms), ms until then.
+/// KEYS: the session, its refresh entry, its user's session_key, its access deadline.
+/// ARGV: the session as JSON, sid, expires_at (unix s), expires_at (unix ms), ms until then,
+/// the access deadline (unix s), when to forget it (unix ms).
 /// The session_key is kept as long as a session of its user lives: `/auth/decrypt` needs it.
 static CREATE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -196,6 +207,8 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'sid', ARGV[2], 'exp', ARGV[3])
 redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[4], ARGV[6])
+redis.call('PEXPIREAT', KEYS[4], ARGV[7])
 local left = redis.call('PTTL', KEYS[3])
 if left >= 0 and left < tonumber(ARGV[5]) then
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
@@ -219,14 +232,19 @@ return redis.call('GET', ARGV[1] .. entry[1])
     )
 });
 
-/// KEYS: the presented token's entry, the successor's. ARGV: the session key prefix, now
-/// (unix s), the sealed successor.
-/// Answers nil (unknown), {session} (rotated now) or {session, rotated_at, successor}.
+/// KEYS: the presented token's entry, the successor's. ARGV: the session key prefix, the
+/// access deadline key prefix, the sealed successor, the new access deadline (unix s).
+/// Answers nil (unknown), {session} (rotated now) or {session, seconds since the rotation,
+/// successor}. Times are the server's (`TIME`), so that every replica reads the same age
+/// whatever its own clock says; `replicate_commands` lets a script write after reading the
+/// clock on redis before 5 (later versions always replicate a script's effects).
 static ROTATE_REFRESH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.replicate_commands()
+local now = tonumber(redis.call('TIME')[1])
 local entry = redis.call('HMGET', KEYS[1], 'sid', 'exp', 'rotated_at', 'successor')
-if not entry[1] or not entry[2] or tonumber(entry[2]) <= tonumber(ARGV[2]) then
+if not entry[1] or not entry[2] or tonumber(entry[2]) <= now then
   return false
 end
 local session = redis.call('GET', ARGV[1] .. entry[1])
@@ -234,50 +252,68 @@ if not session then
   return false
 end
 if entry[3] then
-  return {session, entry[3], entry[4] or ''}
+  return {session, tostring(math.max(now - tonumber(entry[3]), 0)), entry[4] or ''}
 end
-redis.call('HSET', KEYS[1], 'rotated_at', ARGV[2], 'successor', ARGV[3])
+redis.call('HSET', KEYS[1], 'rotated_at', now, 'successor', ARGV[3])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'sid', entry[1], 'exp', entry[2])
-redis.call('PEXPIREAT', KEYS[2], tonumber(entry[2]) * 1000)
+redis.call('EXPIREAT', KEYS[2], entry[2])
+local access = ARGV[2] .. entry[1]
+if tonumber(redis.call('GET', access) or '0') < tonumber(ARGV[4]) then
+  redis.call('SET', access, ARGV[4])
+  redis.call('EXPIREAT', access, math.max(tonumber(entry[2]), tonumber(ARGV[4])))
+end
 return {session}
 ",
     )
 });
 
-/// KEYS: the session, `revoked:until`, `revoked:seq`, `revoked`.
-/// ARGV: sid, listed until (unix ms), now (unix ms), the listing period (ms).
+/// KEYS: the session, its access deadline, `revoked:until`, `revoked:seq`, `revoked`.
+/// ARGV: sid, listed until (unix ms), now (unix ms).
+/// The listing lasts until the later of the given end and the session's access deadline.
 /// Sids whose listing has ended leave both sets, a bounded number at a time (more than the one
-/// added); the three revocation keys live as long as the longest listing in them.
+/// added); the two sets live as long as the longest listing in them. Answers the listing's end.
 static REVOKE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('DEL', KEYS[1])
-local seq = redis.call('INCR', KEYS[3])
-redis.call('ZADD', KEYS[4], seq, ARGV[1])
-local listed_until = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not listed_until or tonumber(listed_until) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local listed_until = tonumber(ARGV[2])
+local access = redis.call('GET', KEYS[2])
+if access and tonumber(access) * 1000 > listed_until then
+  listed_until = tonumber(access) * 1000
 end
-local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 100)
+redis.call('DEL', KEYS[2])
+local seq = redis.call('INCR', KEYS[4])
+redis.call('PERSIST', KEYS[4])
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
+local earlier = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if earlier and tonumber(earlier) > listed_until then
+  listed_until = tonumber(earlier)
+else
+  redis.call('ZADD', KEYS[3], listed_until, ARGV[1])
+end
+local ended = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)
 if #ended > 0 then
-  redis.call('ZREM', KEYS[4], unpack(ended))
-  redis.call('ZREM', KEYS[2], unpack(ended))
+  redis.call('ZREM', KEYS[5], unpack(ended))
+  redis.call('ZREM', KEYS[3], unpack(ended))
 end
-for i = 2, 4 do
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[4]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[4])
+local left = listed_until - tonumber(ARGV[3])
+if left > 0 then
+  for _, key in ipairs({KEYS[3], KEYS[5]}) do
+    if redis.call('PTTL', key) < left then
+      redis.call('PEXPIRE', key, left)
+    end
   end
 end
-return seq
+return listed_until
 ",
     )
 });
 
 /// KEYS: `revoked`, `revoked:until`, `revoked:seq`. ARGV: the cursor, now (unix ms).
-/// Answers {the sequence number, the sids revoked after the cursor and still listed}. A cursor
-/// ahead of the sequence means the server lost it (restarted without persistence, or the keys
-/// expired with nothing listed): then everything listed is new to the caller.
+/// Answers {the sequence number, {sid, listed until (unix ms), …} for the sessions revoked
+/// after the cursor and still listed}. A cursor ahead of the sequence means the server lost
+/// it (it restarted without persistence): then everything listed is new to the caller.
 static REVOKED_SINCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -291,6 +327,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], from, '+inf')) do
   local listed_until = redis.call('ZSCORE', KEYS[2], sid)
   if listed_until and tonumber(listed_until) > tonumber(ARGV[2]) then
     listed[#listed + 1] = sid
+    listed[#listed + 1] = tonumber(listed_until)
   end
 end
 return {seq, listed}
@@ -343,6 +380,7 @@ impl Store for RedisStore {
         &self,
         session: &SessionRecord,
         refresh: Digest,
+        access_until: u64,
     ) -> Result<(), StoreError> {
         let record = serde_json::to_string(session)
             .map_err(|err| StoreError(format!("redis store: cannot encode a session: {err}")))?;
@@ -352,11 +390,14 @@ impl Store for RedisStore {
                 .key(format!("{}{}", self.session_prefix(), session.sid))
                 .key(self.refresh_key(&refresh))
                 .key(self.session_key_key(&session.appid, &session.openid))
+                .key(format!("{}{}", self.access_prefix(), session.sid))
                 .arg(record)
                 .arg(&session.sid)
                 .arg(session.expires_at)
                 .arg(expires_at_ms)
-                .arg(expires_at_ms.saturating_sub(unix_ms())),
+                .arg(expires_at_ms.saturating_sub(unix_ms()))
+                .arg(access_until)
+                .arg(session.expires_at.max(access_until).saturating_mul(1000)),
         )
         .await
     }
@@ -377,12 +418,15 @@ impl Store for RedisStore {
         record.map(|record| parse_session(&record)).transpose()
     }
 
+    /// The caller's `now` is not used: the script reads the server's clock, which every
+    /// replica shares.
     async fn rotate_refresh(
         &self,
         old: Digest,
         new: Digest,
         sealed_successor: &[u8],
-        now: u64,
+        access_until: u64,
+        _now: u64,
     ) -> Result<Rotation, StoreError> {
         let found: Option<Vec<Vec<u8>>> = self
             .run(
@@ -390,20 +434,21 @@ impl Store for RedisStore {
                     .key(self.refresh_key(&old))
                     .key(self.refresh_key(&new))
                     .arg(self.session_prefix())
-                    .arg(now)
-                    .arg(sealed_successor),
+                    .arg(self.access_prefix())
+                    .arg(sealed_successor)
+                    .arg(access_until),
             )
             .await?;
         let Some(found) = found else {
             return Ok(Rotation::Unknown);
         };
         match found.as_slice() {
-            [session] => Ok(Rotation::Rotated(parse_session(session)?)),
-            [session, rotated_at, sealed_successor] => Ok(Rotation::AlreadyRotated {
+            [_] => Ok(Rotation::Rotated),
+            [session, age_secs, sealed_successor] => Ok(Rotation::AlreadyRotated {
                 session: parse_session(session)?,
-                rotated_at: std::str::from_utf8(rotated_at)
+                age_secs: std::str::from_utf8(age_secs)
                     .ok()
-                    .and_then(|rotated_at| rotated_at.parse().ok())
+                    .and_then(|age_secs| age_secs.parse().ok())
                     .ok_or_else(|| corrupt("refresh token"))?,
                 sealed_successor: sealed_successor.clone(),
             }),
@@ -411,26 +456,27 @@ impl Store for RedisStore {
         }
     }
 
-    async fn revoke_session(&self, sid: &str, listed_for: Duration) -> Result<(), StoreError> {
-        let now_ms = unix_ms();
+    async fn revoke_session(&self, sid: &str, until: u64) -> Result<u64, StoreError> {
         let keys = self.revocation_keys();
-        self.run(
-            REVOKE_SESSION
-                .key(format!("{}{sid}", self.session_prefix()))
-                .key(keys.until)
-                .key(keys.seq)
-                .key(keys.revoked)
-                .arg(sid)
-                .arg(now_ms.saturating_add(ttl_ms(listed_for)))
-                .arg(now_ms)
-                .arg(ttl_ms(listed_for)),
-        )
-        .await
+        let listed_until_ms: u64 = self
+            .run(
+                REVOKE_SESSION
+                    .key(format!("{}{sid}", self.session_prefix()))
+                    .key(format!("{}{sid}", self.access_prefix()))
+                    .key(keys.until)
+                    .key(keys.seq)
+                    .key(keys.revoked)
+                    .arg(sid)
+                    .arg(until.saturating_mul(1000))
+                    .arg(unix_ms()),
+            )
+            .await?;
+        Ok(listed_until_ms.div_ceil(1000))
     }
 
-    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<String>, u64), StoreError> {
+    async fn revoked_since(&self, cursor: u64) -> Result<(Vec<Revoked>, u64), StoreError> {
         let keys = self.revocation_keys();
-        let (next, sids): (u64, Vec<String>) = self
+        let (next, listed): (u64, Vec<(String, u64)>) = self
             .run(
                 REVOKED_SINCE
                     .key(keys.revoked)
@@ -440,7 +486,14 @@ impl Store for RedisStore {
                     .arg(unix_ms()),
             )
             .await?;
-        Ok((sids, next))
+        let listed = listed
+            .into_iter()
+            .map(|(sid, until_ms)| Revoked {
+                sid,
+                until: until_ms.div_ceil(1000),
+            })
+            .collect();
+        Ok((listed, next))
     }
 
     async fn claim_exchange(

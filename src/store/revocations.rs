@@ -3,36 +3,74 @@
 //! session ids in memory and pulls the ones other replicas revoked every
 //! [`SYNC_INTERVAL`], which bounds how long a logout takes to reach every replica. A session
 //! revoked here is known here at once.
+//!
+//! Each revocation carries its own end: the moment the last token of its session stops being
+//! accepted. A fixed period taken from the config at start would be wrong after a reload that
+//! lengthens `access_ttl`, and for tokens minted with a longer lifetime (`wxgate token --ttl`).
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use moka::Expiry;
+use moka::ops::compute::Op;
 use moka::sync::Cache;
+use tokio::sync::watch;
 
-use super::Store;
+use super::{Revoked, Store};
+use crate::token::unix_now;
 
 /// How often the store is asked for revocations; SPEC §6 allows 5 s.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Revocations {
-    /// Revoked sids, each kept as long as a token of its session could still be valid.
-    revoked: Cache<String, ()>,
+    /// Revoked sid → until when (unix seconds) a token of its session could be accepted.
+    revoked: Cache<String, u64>,
+    /// Bumped at every revocation, for what must end with a session rather than ask about it
+    /// on each request: upgraded connections (see [`Revocations::ended`]).
+    changes: watch::Sender<()>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations {
+            revoked: Cache::builder().expire_after(UntilListingEnds).build(),
+            changes: watch::Sender::new(()),
+        }
+    }
 }
 
 impl Revocations {
-    /// `keep_for`: the longest an access token lives, leeway included.
-    pub fn new(keep_for: Duration) -> Revocations {
-        Revocations {
-            revoked: Cache::builder().time_to_live(keep_for).build(),
-        }
-    }
-
     pub fn is_revoked(&self, sid: &str) -> bool {
         self.revoked.contains_key(sid)
     }
 
-    pub fn insert(&self, sid: &str) {
-        self.revoked.insert(sid.to_string(), ());
+    /// Refuses `sid`'s tokens until `until` (unix seconds), or longer if it already was.
+    pub fn insert(&self, sid: &str, until: u64) {
+        self.revoked
+            .entry_by_ref(sid)
+            .and_compute_with(|listed| match listed {
+                Some(listed) if *listed.value() >= until => Op::Nop,
+                _ => Op::Put(until),
+            });
+        self.changes.send_replace(());
+    }
+
+    /// Resolves once `sid` is revoked. Revocations are rare, so every waiter is woken at each
+    /// one and looks for its own sid in the cache; a waiter costs nothing in between, where
+    /// polling the cache would cost every open connection a timer.
+    pub fn ended(self: &Arc<Self>, sid: String) -> impl Future<Output = ()> + Send + 'static {
+        let revocations = self.clone();
+        let mut changes = self.changes.subscribe();
+        async move {
+            // The receiver has seen the current version, so a revocation made between
+            // subscribing and this check is caught by the check, and any later one by
+            // `changed`.
+            while !revocations.is_revoked(&sid) {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 
     /// Pulls every revocation still listed in `store`, then keeps pulling new ones in the
@@ -64,9 +102,9 @@ impl Revocations {
     /// Adds the sessions revoked after `cursor`; the cursor to pass next.
     async fn pull(&self, store: &dyn Store, cursor: u64) -> u64 {
         match store.revoked_since(cursor).await {
-            Ok((sids, next)) => {
-                for sid in sids {
-                    self.insert(&sid);
+            Ok((listed, next)) => {
+                for Revoked { sid, until } in listed {
+                    self.insert(&sid, until);
                 }
                 next
             }
@@ -75,5 +113,65 @@ impl Revocations {
                 cursor
             }
         }
+    }
+}
+
+/// Each revoked sid is kept exactly until its own listing ends.
+struct UntilListingEnds;
+
+impl UntilListingEnds {
+    fn left(until: u64) -> Option<Duration> {
+        Some(Duration::from_secs(until.saturating_sub(unix_now())))
+    }
+}
+
+impl Expiry<String, u64> for UntilListingEnds {
+    fn expire_after_create(&self, _sid: &String, until: &u64, _at: Instant) -> Option<Duration> {
+        Self::left(*until)
+    }
+
+    fn expire_after_update(
+        &self,
+        _sid: &String,
+        until: &u64,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::left(*until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revocation_lasts_until_its_own_end_and_a_later_one_extends_it() {
+        let revocations = Revocations::default();
+        revocations.insert("past", unix_now() - 1);
+        assert!(!revocations.is_revoked("past"));
+
+        revocations.insert("s", unix_now() + 3600);
+        assert!(revocations.is_revoked("s"));
+        // An earlier end never shortens a listing.
+        revocations.insert("s", unix_now() - 1);
+        assert!(revocations.is_revoked("s"));
+        assert!(!revocations.is_revoked("other"));
+    }
+
+    #[test]
+    fn ended_resolves_when_its_session_is_revoked_and_not_before() {
+        use futures_util::FutureExt;
+
+        let revocations = Arc::new(Revocations::default());
+        let mut mine = Box::pin(revocations.ended("mine".into()));
+        assert!(mine.as_mut().now_or_never().is_none());
+        // Woken by another session's revocation, it looks and waits on.
+        revocations.insert("theirs", unix_now() + 60);
+        assert!(mine.as_mut().now_or_never().is_none());
+        revocations.insert("mine", unix_now() + 60);
+        assert!(mine.as_mut().now_or_never().is_some());
+        // Already revoked: resolves at once.
+        assert!(revocations.ended("mine".into()).now_or_never().is_some());
     }
 }

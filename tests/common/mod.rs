@@ -4,8 +4,10 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,10 +42,11 @@ pub enum BodySeen {
 }
 
 /// The upstream behind the gateway. Paths pick its behaviour: `/status/503…` answers 503,
-/// `/hook/<verdict>` plays a login hook, `/…/slow` never answers in time, `/…/held` answers
-/// once the test releases it, `/…/ws` accepts an upgrade and echoes bytes, `/…/bytes/N`
-/// answers N bytes, `/…/echo-body` answers the request body, `/…/sink` reads the body and
-/// records what it saw; anything else answers the request line and headers as JSON.
+/// `/hook/<verdict>` plays a login hook (`/hook/held` one that answers only once the test
+/// releases it), `/…/slow` never answers in time, `/…/held` answers once the test releases it,
+/// `/…/ws` accepts an upgrade and echoes bytes, `/…/bytes/N` answers N bytes, `/…/echo-body`
+/// answers the request body, `/…/sink` reads the body and records what it saw; anything else
+/// answers the request line and headers as JSON.
 pub struct Upstream {
     pub addr: SocketAddr,
     shared: Arc<UpstreamShared>,
@@ -279,6 +282,9 @@ pub struct Setup {
     pub sections: String,
     /// The body of `[store]`.
     pub store: String,
+    /// `token.access_ttl` and `token.leeway`.
+    pub access_ttl: &'static str,
+    pub leeway: &'static str,
 }
 
 impl Default for Setup {
@@ -291,6 +297,8 @@ impl Default for Setup {
             sample_app: None,
             sections: String::new(),
             store: "backend = \"memory\"".into(),
+            access_ttl: "2h",
+            leeway: "5s",
         }
     }
 }
@@ -454,6 +462,20 @@ impl Harness {
         )
     }
 
+    /// Reloads the gateway from `setup`, as SIGHUP does from the config file: the file is
+    /// written, loaded and swapped in by `wxgate::server::reload`.
+    pub fn reload(&self, setup: Setup) {
+        let dir = TempDir::new("reload");
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            config_text(&setup, self.mock_addr, self.upstream.addr),
+        )
+        .unwrap();
+        wxgate::server::reload(&path, &self.state)
+            .unwrap_or_else(|err| panic!("reloaded test config invalid:\n{err}"));
+    }
+
     /// Stops accepting, drains, and waits for `run` to return.
     pub async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(());
@@ -504,6 +526,7 @@ fn config_text(setup: &Setup, mock: SocketAddr, upstream: SocketAddr) -> String 
     let server_extra = &setup.server_extra;
     let timeout = setup.wechat_timeout;
     let store = &setup.store;
+    let (access_ttl, leeway) = (setup.access_ttl, setup.leeway);
     format!(
         r#"
 [server]
@@ -522,8 +545,8 @@ secret = "{APP_SECRET}"
 {extra_app}
 [token]
 secret = "{JWT_SECRET}"
-access_ttl = "2h"
-leeway = "5s"
+access_ttl = "{access_ttl}"
+leeway = "{leeway}"
 
 [store]
 {store}
@@ -576,60 +599,329 @@ auth = "public"
     ) + &setup.sections.replace("{upstream}", &upstream.to_string())
 }
 
-/// A `redis-server` of the test's own on a free port, stopped when dropped.
+/// A WeChat stand-in whose code2Session answers wait until the test releases them: for what
+/// becomes of a login while its exchange is in flight. Each code works once, as WeChat's do
+/// (used as it arrives, answered or not), and every request is counted as it arrives. Users
+/// are the mock WeChat's: the same openid and session_key for the same code.
+pub struct HeldWechat {
+    pub addr: SocketAddr,
+    shared: Arc<HeldShared>,
+}
+
+struct HeldShared {
+    arrivals: Mutex<Vec<String>>,
+    arrived: Notify,
+    released: tokio::sync::watch::Sender<bool>,
+}
+
+impl HeldWechat {
+    pub async fn start() -> HeldWechat {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(HeldShared {
+            arrivals: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            released: tokio::sync::watch::Sender::new(false),
+        });
+        let serving = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| held_answer(request, shared.clone()));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HeldWechat { addr, shared }
+    }
+
+    /// code2Session requests so far, answered or not.
+    pub fn calls(&self) -> usize {
+        self.shared.arrivals.lock().unwrap().len()
+    }
+
+    /// Waits until `count` code2Session requests have arrived.
+    pub async fn arrived(&self, count: usize) {
+        let arrived = async {
+            loop {
+                let notified = self.shared.arrived.notified();
+                if self.calls() >= count {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), arrived)
+            .await
+            .expect("the code never reached WeChat");
+    }
+
+    /// Lets every held answer go, and every later one at once.
+    pub fn release(&self) {
+        self.shared.released.send_replace(true);
+    }
+}
+
+async fn held_answer(
+    request: Request<Incoming>,
+    shared: Arc<HeldShared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let params: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let appid = params.get("appid").cloned().unwrap_or_default();
+    let code = params.get("js_code").cloned().unwrap_or_default();
+    let first_use = {
+        let mut arrivals = shared.arrivals.lock().unwrap();
+        let first_use = !arrivals.contains(&code);
+        arrivals.push(code.clone());
+        first_use
+    };
+    shared.arrived.notify_waiters();
+    let _ = shared
+        .released
+        .subscribe()
+        .wait_for(|released| *released)
+        .await;
+    let answer = if first_use {
+        serde_json::json!({
+            "openid": MockWechat::openid_for(&appid, &code),
+            "session_key": MockWechat::session_key_for(&appid, &code).expose(),
+        })
+    } else {
+        serde_json::json!({"errcode": 40163, "errmsg": "code been used"})
+    };
+    Ok(Response::new(Full::new(Bytes::from(answer.to_string()))))
+}
+
+/// A `redis-server` of the test's own, on a free port, without persistence; killed when
+/// dropped.
 pub struct RedisServer {
-    pub url: String,
-    child: std::process::Child,
+    pub port: u16,
+    password: Option<&'static str>,
+    child: Child,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = closed_port_addr().port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for this test (.ci/run installs it)");
-        let server = RedisServer {
-            url: format!("redis://127.0.0.1:{port}/0"),
-            child,
-        };
-        // Ready when it answers PING; the bound only keeps a broken install from hanging.
-        let ready = async {
-            loop {
-                if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
-                    let mut answer = [0u8; 7];
-                    if stream.write_all(b"PING\r\n").await.is_ok()
-                        && stream.read_exact(&mut answer).await.is_ok()
-                        && &answer == b"+PONG\r\n"
-                    {
-                        return;
-                    }
-                }
-                tokio::task::yield_now().await;
+        RedisServer::start_with(None).await
+    }
+
+    pub async fn start_with(password: Option<&'static str>) -> RedisServer {
+        // The port can be taken between finding it free and redis binding it; redis then
+        // exits, and another port is tried.
+        for _ in 0..5 {
+            let port = closed_port_addr().port();
+            if let Some(child) = RedisServer::spawn(port, password).await {
+                return RedisServer {
+                    port,
+                    password,
+                    child,
+                };
             }
+        }
+        panic!("redis-server did not start (five ports tried)");
+    }
+
+    /// Starts redis on `port` and waits for it to say it accepts connections; `None` when it
+    /// exits first (its port was taken).
+    async fn spawn(port: u16, password: Option<&str>) -> Option<Child> {
+        let port = port.to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        if let Some(password) = password {
+            args.extend(["--requirepass", password]);
+        }
+        let mut child = match std::process::Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed, and the redis tests need it: \
+                 apt-get install redis-server (.ci/run installs it)"
+            ),
+            Err(err) => panic!("cannot start redis-server: {err}"),
         };
-        tokio::time::timeout(Duration::from_secs(30), ready)
+        let ready = log_line(child.stdout.take().unwrap(), "Ready to accept connections");
+        // The bound only keeps a broken install from hanging the suite.
+        match tokio::time::timeout(Duration::from_secs(30), ready).await {
+            Ok(Ok(())) => Some(child),
+            Ok(Err(_)) => {
+                let _ = child.wait();
+                None
+            }
+            Err(_) => panic!("redis-server never said it was ready"),
+        }
+    }
+
+    /// Stops the server and starts an empty one on the same port: a redis restart without
+    /// persistence.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = RedisServer::spawn(self.port, self.password)
             .await
-            .expect("redis-server never answered PING");
-        server
+            .expect("redis-server did not restart on its port");
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self) -> String {
+        match self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// A connection of the test's own, to look at what the gateway stored.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Resolves once a line of `output` contains `wanted`, and fails if the output ends first
+/// (the process exited). The rest of the output is read on, and dropped, so that the process
+/// never blocks on a full pipe.
+fn log_line(
+    output: impl std::io::Read + Send + 'static,
+    wanted: &'static str,
+) -> oneshot::Receiver<()> {
+    let (seen, said) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut seen = Some(seen);
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            if line.contains(wanted)
+                && let Some(seen) = seen.take()
+            {
+                let _ = seen.send(());
+            }
+        }
+    });
+    said
+}
+
+/// `wxgate serve` as a process of its own: the real binary on a config file.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl GatewayProcess {
+    /// Starts the binary on `config` and returns once it listens.
+    pub async fn start(config: &Path) -> GatewayProcess {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (listening, said) = oneshot::channel::<SocketAddr>();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut listening = Some(listening);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if event["message"] == "wxgate listening"
+                    && let Some(listening) = listening.take()
+                    && let Some(addr) = event["addr"].as_str()
+                {
+                    let _ = listening.send(addr.parse().unwrap());
+                }
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(60), said)
+            .await
+            .expect("wxgate never said it was listening")
+            .expect("wxgate exited before listening");
+        GatewayProcess { addr, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Ends the process as a crash would: SIGKILL, with no chance to shut down.
+    pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh folder under the system temp dir, removed when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(purpose: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "wxgate-{purpose}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The gateway's config as the harness writes it, with the embedded store at `store_path`: for
+/// running the real binary on it.
+pub fn embedded_config(store_path: &Path, mock: SocketAddr, upstream: SocketAddr) -> String {
+    let setup = Setup {
+        store: format!(
+            "backend = \"embedded\"\npath = \"{}\"",
+            store_path.display()
+        ),
+        ..Setup::default()
+    };
+    config_text(&setup, mock, upstream)
 }
 
 /// An address where nothing listens: bound once, then released.
