@@ -15,7 +15,10 @@ use serde::Serialize;
 pub enum Error {
     #[error("{0}")]
     BadRequest(String),
-    #[error("the request path contains a dot-segment, an encoded slash or a backslash")]
+    #[error(
+        "the request path is not in plain form: a dot-segment, an empty segment, a `;`, a \
+         backslash, an encoded slash or letter, or a double encoding"
+    )]
     BadPath,
     #[error("WeChat refused the code: call wx.login again and send the new code")]
     InvalidCode { wechat_errcode: i64 },

@@ -1,27 +1,28 @@
 //! Forwarding to the upstream: hop-by-hop and forwarded headers, identity (through
-//! [`crate::identity`]), the pooled keep-alive client, the streamed body cap and the response
-//! timeout (SPEC §5).
+//! [`crate::identity`]), the pooled keep-alive client, the streamed body cap, the connect and
+//! response timeouts, and upgrades (SPEC §5).
 
 use std::error::Error as StdError;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::io::Write;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
+use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
+use tracing::Instrument;
 
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::routes::Route;
+use crate::server::ClientConnection;
 use crate::state::State;
 use crate::token::Claims;
 
@@ -32,9 +33,10 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`):
-/// they describe one connection and are never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`,
+/// and `HTTP2-Settings`, which belongs to an `h2c` upgrade): they describe one connection and
+/// are never forwarded.
+const HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -44,6 +46,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::TRAILER,
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Idle connections kept per upstream. A burst of many concurrent clients opens as many
@@ -54,7 +57,16 @@ const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// How long an idle upstream connection is kept for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-pub type UpstreamBody = CappedBody<Incoming>;
+/// How long connecting to an upstream may take. A loopback or in-cluster upstream connects in
+/// well under a millisecond; one that drops the connection attempt (a host that is gone, a
+/// firewall) is reported as unavailable after this, rather than as slow after the route's
+/// whole `timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A request body, cut off with an error past `server.max_body_bytes`. Ending the stream with
+/// an error (not a clean end) makes the client abort the upstream request, so the upstream
+/// never sees a truncated body as a complete one.
+pub type UpstreamBody = Limited<Incoming>;
 
 /// The pooled keep-alive client to every upstream. Long-lived: kept across reloads.
 pub struct UpstreamClient {
@@ -65,6 +77,7 @@ impl Default for UpstreamClient {
     fn default() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
@@ -79,7 +92,7 @@ pub async fn forward(
     state: &State,
     route: &Route,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientConnection,
     identity: Option<&Claims>,
     request_id: &HeaderValue,
 ) -> Result<Response<Incoming>, Error> {
@@ -108,7 +121,7 @@ pub async fn forward(
     if let Some(claims) = identity {
         state.identity.inject(headers, claims);
     }
-    set_forwarded(state, headers, peer, host.as_ref());
+    set_forwarded(state, headers, client.peer.ip(), host.as_ref());
     headers.insert(X_REQUEST_ID, request_id.clone());
     if let Some(host) = host {
         headers.insert(HOST, host);
@@ -121,7 +134,8 @@ pub async fn forward(
     parts.uri = uri;
     parts.version = Version::HTTP_11;
 
-    let body = CappedBody::new(body, state.config.server.max_body_bytes);
+    let limit = usize::try_from(state.config.server.max_body_bytes).unwrap_or(usize::MAX);
+    let body = Limited::new(body, limit);
     let sent = state
         .services
         .upstream
@@ -147,7 +161,7 @@ pub async fn forward(
     };
     remove_hop_by_hop(response.headers_mut());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some((protocol, client)) = upgrade
+        && let Some((protocol, client_side)) = upgrade
     {
         let upstream = hyper::upgrade::on(&mut response);
         let headers = response.headers_mut();
@@ -157,12 +171,24 @@ pub async fn forward(
             let revoked = state.services.revocations.ended(claims.sid.clone());
             (claims.exp, revoked)
         });
-        tokio::spawn(tunnel(client, upstream, session, route.config.path.clone()));
+        let tunnel = tunnel(
+            client_side,
+            upstream,
+            session,
+            client.clone(),
+            route.config.path.clone(),
+        );
+        // The tunnel's lines carry the request id, like the request's own.
+        tokio::spawn(tunnel.instrument(tracing::Span::current()));
     }
     Ok(response)
 }
 
-/// The protocol named by `Upgrade` when `Connection` asks for an upgrade.
+/// The protocols named by `Upgrade` when `Connection` asks for an upgrade, less `h2c`.
+///
+/// An `h2c` upgrade is never asked of the upstream: once switched, the client would speak
+/// HTTP/2 straight to it, every later request on that connection past the routes, the token
+/// check and the header rules. Without it the request goes on as a plain request.
 fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(CONNECTION)
@@ -170,43 +196,63 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+    if !asks {
+        return None;
+    }
+    let protocols = headers.get(UPGRADE)?.to_str().ok()?;
+    let kept: Vec<&str> = protocols
+        .split(',')
+        .map(str::trim)
+        .filter(|protocol| {
+            let name = protocol.split('/').next().unwrap_or_default();
+            !protocol.is_empty() && !name.eq_ignore_ascii_case("h2c")
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 /// Carries bytes both ways once both sides have switched protocols. A tunnel opened with a
 /// token closes when the token expires or its session is revoked (`session`: the token's `exp`
 /// and what resolves on revocation): the decision made at upgrade time outlives neither.
+/// It holds on to its client connection: the tunnel counts against `max_connections`, and the
+/// shutdown drain waits for it until the grace period is over.
 async fn tunnel(
-    client: OnUpgrade,
+    client_side: OnUpgrade,
     upstream: OnUpgrade,
     session: Option<(u64, impl Future<Output = ()>)>,
+    client: ClientConnection,
     route: String,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
+    let (client_side, upstream) = match tokio::try_join!(client_side, upstream) {
         Ok(both) => both,
         Err(err) => {
             tracing::debug!(%route, error = %err, "upgrade did not complete");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    let mut client_side = TokioIo::new(client_side);
     let mut upstream = TokioIo::new(upstream);
-    let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    match session {
-        Some((exp, revoked)) => {
-            let left = Duration::from_secs(exp.saturating_sub(crate::token::unix_now()));
-            tokio::select! {
-                _ = copying => {}
-                () = tokio::time::sleep(left) => {
-                    tracing::info!(%route, "upgraded connection closed: its token expired");
-                }
-                () = revoked => {
-                    tracing::info!(%route, "upgraded connection closed: its session was revoked");
+    let copying = tokio::io::copy_bidirectional(&mut client_side, &mut upstream);
+    let session_ended = async {
+        match session {
+            Some((exp, revoked)) => {
+                let left = Duration::from_secs(exp.saturating_sub(crate::token::unix_now()));
+                tokio::select! {
+                    () = tokio::time::sleep(left) => "its token expired",
+                    () = revoked => "its session was revoked",
                 }
             }
+            None => std::future::pending().await,
         }
-        None => {
-            let _ = copying.await;
+    };
+    tokio::select! {
+        _ = copying => {}
+        why = session_ended => tracing::info!(%route, "upgraded connection closed: {why}"),
+        () = client.grace_over() => {
+            tracing::info!(%route, "upgraded connection closed: the shutdown grace period is over");
         }
     }
 }
@@ -231,20 +277,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// A peer in `trusted_proxies` is believed about the client before it: its `X-Forwarded-For`
 /// gets the peer appended, its `-Proto` and `-Host` are kept. Anyone else's are replaced with
 /// what the gateway saw itself.
-fn set_forwarded(
-    state: &State,
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    host: Option<&HeaderValue>,
-) {
-    let peer_ip = peer.ip();
-    let trusted = is_trusted(&state.config.server.trusted_proxies, peer_ip);
-    let peer_text = peer_ip.to_string();
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
-        Some(Ok(earlier)) if trusted => HeaderValue::from_str(&format!("{earlier}, {peer_text}")),
-        _ => HeaderValue::from_str(&peer_text),
-    };
-    if let Ok(value) = forwarded_for {
+fn set_forwarded(state: &State, headers: &mut HeaderMap, peer: IpAddr, host: Option<&HeaderValue>) {
+    let trusted = is_trusted(&state.config.server.trusted_proxies, peer);
+    // Every line the proxy sent, in order: a chain split over several lines is still one
+    // chain (RFC 9110 §5.3), and `client_ip` reads it the same way.
+    let mut chain = Vec::new();
+    if trusted {
+        for line in headers.get_all(X_FORWARDED_FOR) {
+            chain.extend_from_slice(line.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+    }
+    let _ = write!(chain, "{peer}");
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !trusted {
@@ -292,17 +337,18 @@ pub fn client_ip(trusted_proxies: &[IpNet], peer: IpAddr, headers: &HeaderMap) -
     client
 }
 
-/// The error a capped body ends with once it grows past the limit. Ending the stream with an
-/// error (not a clean end) makes the client abort the upstream request, so the upstream never
-/// sees a truncated body as a complete one.
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds the configured maximum")]
-pub struct BodyTooLarge;
+/// True when the body's declared length (hyper takes it from `Content-Length`) is over
+/// `limit`: such a body is refused before a byte of it is read.
+pub fn declared_over(body: &impl Body, limit: u64) -> bool {
+    body.size_hint()
+        .exact()
+        .is_some_and(|length| length > limit)
+}
 
 fn caused_by_body_cap(err: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(err) = current {
-        if err.is::<BodyTooLarge>() {
+        if err.is::<LengthLimitError>() {
             return true;
         }
         current = err.source();
@@ -310,63 +356,11 @@ fn caused_by_body_cap(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-/// A request body that streams through unchanged until it passes `limit` bytes.
-pub struct CappedBody<B> {
-    inner: B,
-    remaining: u64,
-}
-
-impl<B> CappedBody<B> {
-    pub fn new(inner: B, limit: u64) -> Self {
-        CappedBody {
-            inner,
-            remaining: limit,
-        }
-    }
-}
-
-impl<B> Body for CappedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
-    type Data = Bytes;
-    type Error = Box<dyn StdError + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.remaining = 0;
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                    }
-                    this.remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body::Frame;
     use http_body_util::{BodyExt, Full, StreamBody};
 
     #[test]
@@ -405,17 +399,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn capped_body_passes_up_to_the_limit() {
-        let body = CappedBody::new(Full::new(Bytes::from_static(b"12345")), 5);
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "12345");
-    }
-
-    #[tokio::test]
-    async fn capped_body_fails_past_the_limit() {
+    async fn the_body_cap_is_found_in_the_error_chain() {
         let chunks = (0..4)
             .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))));
-        let body = CappedBody::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
+        let body = Limited::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
         let err = body.collect().await.unwrap_err();
         assert!(caused_by_body_cap(err.as_ref()));
+        let other: Box<dyn StdError> = "the client went away".into();
+        assert!(!caused_by_body_cap(other.as_ref()));
+    }
+
+    #[test]
+    fn declared_length_over_the_limit() {
+        assert!(declared_over(&Full::new(Bytes::from_static(b"123456")), 5));
+        assert!(!declared_over(&Full::new(Bytes::from_static(b"12345")), 5));
+    }
+
+    #[test]
+    fn h2c_is_never_asked_of_the_upstream() {
+        let asking = |upgrade: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONNECTION,
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            headers.insert(UPGRADE, HeaderValue::from_static(upgrade));
+            requested_upgrade(&headers)
+        };
+        assert_eq!(asking("h2c"), None);
+        assert_eq!(asking(" H2C "), None);
+        assert_eq!(
+            asking("websocket"),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        assert_eq!(
+            asking("h2c, websocket"),
+            Some(HeaderValue::from_static("websocket"))
+        );
     }
 }

@@ -6,49 +6,59 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{Method, Uri};
-use percent_encoding::percent_decode_str;
 
 use crate::config::{AuthMode, RouteConfig};
 use crate::error::Error;
 use crate::metrics::RouteLabel;
 
-/// How many layers of percent-encoding are peeled off a segment when looking for a hidden
-/// dot-segment or separator. Two covers double encoding (`%252e`); one more catches a
-/// triple-encoded attempt at the same price.
-const DECODE_LAYERS: usize = 3;
-
-/// Refuses paths that could mean a different resource to the upstream than to the route
-/// matcher: dot-segments (also percent-encoded, once or more), encoded `/` or `\`, a literal `\`.
+/// Refuses every path that an upstream could read as another path than the one the routes
+/// were matched on. Deny by default, as Spring Security's `StrictHttpFirewall` does, rather
+/// than normalizing the way one upstream stack would and missing the way another does:
+///
+/// - dot-segments (`/./`, `/../`) and a literal `\`, which many servers read as `/`;
+/// - empty segments (`//`), which many servers merge into one `/`;
+/// - `;`, whose path parameters Tomcat and Jetty strip before routing;
+/// - a percent-encoded unreserved character (`%61` for `a`, `%2e` for `.`): RFC 3986 §6.2.2.2
+///   says they are never to be encoded, and the servers that decode them would route
+///   `/%61pi` as `/api`;
+/// - an encoded `/` or `\`, which would split a segment in two once decoded;
+/// - `%25` followed by two hex digits: a double encoding, decoded twice by some stacks;
+/// - a `%` not followed by two hex digits, which stacks repair each in their own way.
+///
+/// Reserved and other characters stay encodable: `%20`, `%3A`, `%E4%BD%A0` pass.
 pub fn check_path(path: &str) -> Result<(), Error> {
-    if path.contains('\\') {
+    if path.contains(['\\', ';']) || path.contains("//") {
         return Err(Error::BadPath);
     }
-    for segment in path.split('/') {
-        if segment == "." || segment == ".." {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(Error::BadPath);
+    }
+    let bytes = path.as_bytes();
+    let mut from = 0;
+    while let Some(offset) = bytes[from..].iter().position(|&b| b == b'%') {
+        let at = from + offset;
+        let decoded = escaped_byte(&bytes[at + 1..]).ok_or(Error::BadPath)?;
+        let refused = decoded.is_ascii_alphanumeric()
+            || matches!(decoded, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+            || (decoded == b'%' && escaped_byte(&bytes[at + 3..]).is_some());
+        if refused {
             return Err(Error::BadPath);
         }
-        if segment.contains('%') && hides_separator_or_dots(segment) {
-            return Err(Error::BadPath);
-        }
+        from = at + 3;
     }
     Ok(())
 }
 
-fn hides_separator_or_dots(segment: &str) -> bool {
-    let mut current = segment.to_string();
-    for _ in 0..DECODE_LAYERS {
-        let decoded = percent_decode_str(&current)
-            .decode_utf8_lossy()
-            .into_owned();
-        if decoded.contains(['/', '\\']) || decoded == "." || decoded == ".." {
-            return true;
-        }
-        if decoded == current {
-            return false;
-        }
-        current = decoded;
+/// The byte that two hex digits at the start of `rest` stand for.
+fn escaped_byte(rest: &[u8]) -> Option<u8> {
+    let digit = |b: &u8| (*b as char).to_digit(16);
+    match rest {
+        [high, low, ..] => Some((digit(high)? * 16 + digit(low)?) as u8),
+        _ => None,
     }
-    false
 }
 
 /// True when `path` is `prefix` itself or lies below it. `prefix` has no trailing `/`, and the
@@ -181,6 +191,19 @@ mod tests {
     #[test]
     fn dot_segments_and_encoded_separators_are_bad_paths() {
         for path in [
+            "//api/orders",
+            "/api//orders",
+            "/%61pi/orders",
+            "/%41PI/orders",
+            "/api/%7euser",
+            "/api/%2D",
+            "/%2561pi/orders",
+            "/api/100%2525",
+            "/api;x/orders",
+            "/api/orders;jsessionid=1",
+            "/api/%zz",
+            "/api/%4",
+            "/api/%",
             "/api/../admin",
             "/api/./x",
             "/api/..",
@@ -208,6 +231,11 @@ mod tests {
             "/api/a.b/c..d",
             "/api/%E4%BD%A0",
             "/api/x%20y",
+            "/api/a%3Ab",
+            "/api/a%3bb",
+            "/api/100%25",
+            "/api/100%25off",
+            "/api/",
         ] {
             assert_eq!(check_path(path), Ok(()), "{path}");
         }

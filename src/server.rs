@@ -3,26 +3,32 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Cursor;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::auth;
+use crate::config::AuthMode;
 use crate::error::Error;
-use crate::metrics::{self, RouteLabel, RouteStatus};
+use crate::metrics::{self, Metrics, RouteLabel, RouteStatus};
 use crate::proxy::{self, X_REQUEST_ID};
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
@@ -37,6 +43,10 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// The status logged and counted for a request whose client went away before its answer
+/// (nginx's "client closed request").
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// Serves `listener` until `shutdown` resolves, then stops accepting and gives in-flight
 /// requests `server.shutdown_grace` to finish.
 pub async fn run(
@@ -45,9 +55,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let grace_state = state.clone();
-    let handler = move |request, peer| {
+    let handler = move |request, client| {
         let state = state.load_full();
-        async move { handle(&state, request, peer).await }
+        async move { handle(&state, request, client).await }
     };
     let limits = {
         let server = &grace_state.load().config.server;
@@ -73,8 +83,72 @@ struct Limits {
 /// sane client, small enough that a flood of huge headers cannot eat memory.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Where a listener is in its shutdown, as every connection it serves sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Stop taking requests; finish the ones under way.
+    Draining,
+    /// The grace period is over: whatever still runs stops.
+    Closed,
+}
+
+/// The client connection a request came on. Every clone keeps the connection's slot under
+/// `server.max_connections` taken and the shutdown drain waiting for it: a WebSocket tunnel
+/// keeps one for as long as it runs, so upgraded connections count against the cap and share
+/// the grace period like any other.
+#[derive(Clone)]
+pub struct ClientConnection {
+    pub peer: SocketAddr,
+    slot: Arc<Slot>,
+}
+
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    phase: watch::Receiver<Phase>,
+}
+
+impl ClientConnection {
+    /// Resolves once the listener's shutdown grace period is over.
+    pub async fn grace_over(&self) {
+        let mut phase = self.slot.phase.clone();
+        // An error means the listener is gone altogether: over as well.
+        let _ = phase.wait_for(|phase| *phase == Phase::Closed).await;
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 settings of one listener.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    header_timeout: Duration,
+}
+
+impl Protocols {
+    fn new(limits: &Limits) -> Protocols {
+        let mut http1 = http1::Builder::new();
+        // Also the keep-alive idle limit: hyper starts this timer as soon as a connection
+        // waits for its next request.
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(MAX_HEADER_BYTES);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .keep_alive_interval(limits.header_timeout)
+            .keep_alive_timeout(limits.header_timeout);
+        Protocols {
+            http1,
+            http2,
+            header_timeout: limits.header_timeout,
+        }
+    }
+}
+
 /// The accept loop shared by the gateway and the admin listener: one task per connection,
-/// HTTP/1.1 or h2c, each watched so that shutdown can wait for it to finish.
+/// HTTP/1.1 or h2c, each holding a slot so that shutdown can wait for it to finish.
 async fn serve_connections<H, F>(
     listener: TcpListener,
     handler: H,
@@ -82,31 +156,19 @@ async fn serve_connections<H, F>(
     shutdown: impl Future<Output = ()>,
     grace: impl FnOnce() -> Duration,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, ClientConnection) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(limits.header_timeout)
-        .keep_alive_timeout(limits.header_timeout);
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols::new(&limits));
     let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let (phase, phase_seen) = watch::channel(Phase::Serving);
     tokio::pin!(shutdown);
     loop {
         // Waiting for a free slot before accepting leaves further clients in the kernel's
         // backlog, where they cost the gateway nothing.
-        let slot = tokio::select! {
-            slot = connection_slots.clone().acquire_owned() => {
-                slot.expect("the connection semaphore is never closed")
+        let permit = tokio::select! {
+            permit = connection_slots.clone().acquire_owned() => {
+                permit.expect("the connection semaphore is never closed")
             }
             () = &mut shutdown => break,
         };
@@ -123,36 +185,275 @@ async fn serve_connections<H, F>(
         };
         // Latency matters more than packet count for small API answers.
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let answer = handler(request, peer);
-            async move { Ok::<_, Infallible>(answer.await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
-            }
-            drop(slot);
-        });
+        let client = ClientConnection {
+            peer,
+            slot: Arc::new(Slot {
+                _permit: permit,
+                phase: phase_seen.clone(),
+            }),
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            client,
+            handler.clone(),
+            protocols.clone(),
+        ));
     }
     drop(listener);
+    phase.send_replace(Phase::Draining);
     let grace = grace();
     tracing::info!(?grace, "draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    // Every slot back means every connection and tunnel has ended.
+    let every_slot = u32::try_from(limits.max_connections)
+        .expect("server.max_connections is validated to at most a million");
+    if tokio::time::timeout(grace, connection_slots.acquire_many(every_slot))
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
+    phase.send_replace(Phase::Closed);
 }
 
-/// What prometheus-client writes (the probes' one-word answers read fine as it too).
+/// Which protocol a client speaks, told by its first bytes.
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What every HTTP/2 connection starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn serve_connection<H, F>(
+    mut stream: TcpStream,
+    client: ClientConnection,
+    handler: H,
+    protocols: Arc<Protocols>,
+) where
+    H: Fn(Request<Incoming>, ClientConnection) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let peer = client.peer;
+    let mut phase = client.slot.phase.clone();
+    // Until the protocol is known no hyper timer runs, so this deadline is what stops a client
+    // that connects and sends nothing (or half a preface) from holding its slot for ever.
+    let told = tokio::select! {
+        told = tokio::time::timeout(protocols.header_timeout, tell_protocol(&mut stream)) => told,
+        // No request has begun: nothing to drain.
+        _ = phase.wait_for(|phase| *phase != Phase::Serving) => return,
+    };
+    let (protocol, first_bytes) = match told {
+        Ok(Ok(Some(told))) => told,
+        Ok(Ok(None)) => return,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "connection failed before its first request");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "connection closed: no request began within header_timeout");
+            return;
+        }
+    };
+    let io = TokioIo::new(replayed(first_bytes, stream));
+    match protocol {
+        Protocol::Http1 => {
+            let service = service_fn(move |request| {
+                let answer = handler(request, client.clone());
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let connection = protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(
+                connection,
+                |connection| connection.graceful_shutdown(),
+                std::future::pending(),
+                phase,
+                peer,
+            )
+            .await;
+        }
+        Protocol::Http2 => {
+            let streams = Arc::new(Streams::new());
+            let counted = streams.clone();
+            let service = service_fn(move |request| {
+                let stream = counted.open();
+                let answer = handler(request, client.clone());
+                async move {
+                    let response = answer.await;
+                    Ok::<_, Infallible>(response.map(|body| CountedBody {
+                        inner: body,
+                        _stream: stream,
+                    }))
+                }
+            });
+            let connection = protocols.http2.serve_connection(io, service);
+            drive(
+                connection,
+                |connection| connection.graceful_shutdown(),
+                streams.idle_for(protocols.header_timeout),
+                phase,
+                peer,
+            )
+            .await;
+        }
+    }
+}
+
+/// Reads until the first bytes tell an HTTP/2 preface from an HTTP/1 request: as long as they
+/// match the preface, until all of it has come. `None` when the client closed first.
+async fn tell_protocol(stream: &mut TcpStream) -> std::io::Result<Option<(Protocol, Vec<u8>)>> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    loop {
+        // Reads at most the capacity left, so never past the preface.
+        if stream.read_buf(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        if !H2_PREFACE.starts_with(&first) {
+            return Ok(Some((Protocol::Http1, first)));
+        }
+        if first.len() == H2_PREFACE.len() {
+            return Ok(Some((Protocol::Http2, first)));
+        }
+    }
+}
+
+/// The stream with the bytes already read put back in front, for hyper to read from the start
+/// (what hyper-util's auto builder does with a type of its own, which it keeps private).
+fn replayed(
+    first_bytes: Vec<u8>,
+    stream: TcpStream,
+) -> impl AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    let (read, write) = stream.into_split();
+    tokio::io::join(Cursor::new(first_bytes).chain(read), write)
+}
+
+/// Serves `connection` to its end. It is asked to finish what it has under way and take nothing
+/// new once the listener drains or `idle` resolves, and is dropped when the grace period is over.
+async fn drive<C, E>(
+    connection: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    idle: impl Future<Output = ()>,
+    mut phase: watch::Receiver<Phase>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(connection, idle);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => Some(ended),
+        () = &mut idle => {
+            tracing::debug!(%peer, "closing an HTTP/2 connection idle for header_timeout");
+            None
+        }
+        _ = phase.wait_for(|phase| *phase != Phase::Serving) => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            graceful_shutdown(connection.as_mut());
+            tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = phase.wait_for(|phase| *phase == Phase::Closed) => return,
+            }
+        }
+    };
+    if let Err(err) = ended {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
+}
+
+/// The streams open on one HTTP/2 connection, and since when none has been. hyper's HTTP/2
+/// server has no idle limit of its own, and its keep-alive pings keep a client that answers
+/// them connected for ever.
+struct Streams {
+    open: AtomicUsize,
+    opened_at: tokio::time::Instant,
+    /// Milliseconds after `opened_at`.
+    idle_since: AtomicU64,
+}
+
+impl Streams {
+    fn new() -> Streams {
+        Streams {
+            open: AtomicUsize::new(0),
+            opened_at: tokio::time::Instant::now(),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn open(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `period`.
+    async fn idle_for(&self, period: Duration) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let check_at = if self.open.load(Ordering::Acquire) > 0 {
+                now + period
+            } else {
+                let since =
+                    self.opened_at + Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+                if now >= since + period {
+                    return;
+                }
+                since + period
+            };
+            tokio::time::sleep_until(check_at).await;
+        }
+    }
+}
+
+/// One stream of [`Streams`], from its request until hyper drops its response body: once the
+/// body is sent, or when the stream is reset.
+struct OpenStream(Arc<Streams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let streams = &self.0;
+        if streams.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let at = streams.opened_at.elapsed().as_millis() as u64;
+            // The latest wins when two streams end at once.
+            streams.idle_since.fetch_max(at, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A response body that keeps its stream counted as open while hyper holds it.
+struct CountedBody {
+    inner: ResponseBody,
+    _stream: OpenStream,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = <ResponseBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The admin listener's own content types: Prometheus scrapes OpenMetrics; the probes answer
+/// a word.
 const OPENMETRICS_TEXT: HeaderValue =
     HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+const PLAIN_TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// Probes and scrapers are few and quick.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -165,29 +466,32 @@ pub async fn run_admin(
     state: SharedState,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handler = move |request: Request<Incoming>, _peer| {
+    let handler = move |request: Request<Incoming>, _client| {
         let state = state.load_full();
         async move {
-            let (status, body) = match request.uri().path() {
-                "/healthz" => (StatusCode::OK, "ok".to_string()),
-                "/metrics" => (StatusCode::OK, state.services.metrics.encode()),
+            let (status, content_type, body) = match request.uri().path() {
+                "/healthz" => (StatusCode::OK, PLAIN_TEXT, "ok".to_string()),
+                "/metrics" => (
+                    StatusCode::OK,
+                    OPENMETRICS_TEXT,
+                    state.services.metrics.encode(),
+                ),
                 "/readyz" => match state.services.store.ping().await {
-                    Ok(()) => (StatusCode::OK, "ready".to_string()),
+                    Ok(()) => (StatusCode::OK, PLAIN_TEXT, "ready".to_string()),
                     Err(err) => {
                         tracing::warn!(error = %err, "not ready: the store does not answer");
                         (
                             StatusCode::SERVICE_UNAVAILABLE,
+                            PLAIN_TEXT,
                             "store unavailable".to_string(),
                         )
                     }
                 },
-                _ => (StatusCode::NOT_FOUND, "not found".to_string()),
+                _ => (StatusCode::NOT_FOUND, PLAIN_TEXT, "not found".to_string()),
             };
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
             *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, OPENMETRICS_TEXT);
+            response.headers_mut().insert(CONTENT_TYPE, content_type);
             response
         }
     };
@@ -205,62 +509,86 @@ pub async fn run_admin(
 async fn handle(
     state: &State,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    client: ClientConnection,
 ) -> Response<ResponseBody> {
-    let started = Instant::now();
     let metrics = &state.services.metrics;
     metrics.in_flight.inc();
     let request_id = request_id(&request);
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let mut route = metrics.no_route.clone();
-
-    // Every line logged while answering carries the request id.
-    let span = tracing::info_span!(
-        "request",
-        request_id = request_id.to_str().unwrap_or_default()
-    );
-    let result = dispatch(state, request, peer, &request_id, &mut route)
-        .instrument(span.clone())
+    let mut record = Record {
+        metrics,
+        started: Instant::now(),
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        route: metrics.no_route.clone(),
+        status: CLIENT_CLOSED_REQUEST,
+        // Every line logged while answering carries the request id.
+        span: tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default()
+        ),
+    };
+    let result = dispatch(state, request, &client, &request_id, &mut record.route)
+        .instrument(record.span.clone())
         .await;
     let mut response = match result {
         Ok(response) => response,
         Err(err) => err.into_response().map(Either::Right),
     };
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
+    record.status = response.status().as_u16();
     response
-        .headers_mut()
-        .insert(X_REQUEST_ID, request_id.clone());
-    let took = started.elapsed();
-    let status = response.status().as_u16();
-    span.in_scope(|| {
-        tracing::info!(
-            target: "wxgate::access",
-            method = %method,
-            path = %path,
-            route = route.as_str(),
-            status,
-            duration_us = took.as_micros() as u64,
-        )
-    });
-    metrics
-        .request_duration
-        .get_or_create(&metrics::Route {
-            route: route.clone(),
-        })
-        .observe(took.as_secs_f64());
-    metrics
-        .requests
-        .get_or_create(&RouteStatus { route, status })
-        .inc();
-    metrics.in_flight.dec();
-    response
+}
+
+/// A request's access-log line and metrics, written when it is dropped: at the answer, or
+/// when the request is abandoned (the client went away, an HTTP/2 reset, the grace period
+/// over), which the code after an `.await` would never see.
+struct Record<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+    method: Method,
+    path: String,
+    route: RouteLabel,
+    status: u16,
+    span: tracing::Span,
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        let metrics = self.metrics;
+        metrics
+            .request_duration
+            .get_or_create(&metrics::Route {
+                route: self.route.clone(),
+            })
+            .observe(took.as_secs_f64());
+        metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: self.route.clone(),
+                status: self.status,
+            })
+            .inc();
+        metrics.in_flight.dec();
+        // Last, so that whoever reads the line finds the request counted.
+        self.span.in_scope(|| {
+            tracing::info!(
+                target: "wxgate::access",
+                method = %self.method,
+                path = %self.path,
+                route = self.route.as_str(),
+                status = self.status,
+                duration_us = took.as_micros() as u64,
+            )
+        });
+    }
 }
 
 /// The checks in SPEC §4 order: path, route, method, token, body size; then the answer.
 async fn dispatch(
     state: &State,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientConnection,
     request_id: &HeaderValue,
     route_label: &mut RouteLabel,
 ) -> Result<Response<ResponseBody>, Error> {
@@ -271,7 +599,7 @@ async fn dispatch(
         // Boxed: the login's future (WeChat calls, the exchange cache) is many times the size
         // of the proxy path's, and hyper keeps a request future's allocation for the life of
         // each keep-alive connection. Unboxed, every idle connection would carry it.
-        return Box::pin(auth::handle(state, request, peer))
+        return Box::pin(auth::handle(state, request, client.peer))
             .await
             .map(|response| response.map(Either::Right));
     }
@@ -280,8 +608,20 @@ async fn dispatch(
     if !route.allows_method(request.method()) {
         return Err(Error::MethodNotAllowed);
     }
+    // With two, the first would decide while the upstream, given both, might believe the
+    // other one.
+    if route.auth() != AuthMode::Public
+        && request
+            .headers()
+            .get_all(AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        return Err(Error::InvalidToken);
+    }
     let identity = auth::authorize(state, route, request.headers())?;
-    if declared_length(&request).is_some_and(|length| length > state.config.server.max_body_bytes) {
+    if proxy::declared_over(request.body(), state.config.server.max_body_bytes) {
         return Err(Error::PayloadTooLarge);
     }
     // Boxed for the same reason as the gateway's own endpoints: while idle, a connection then
@@ -290,22 +630,12 @@ async fn dispatch(
         state,
         route,
         request,
-        peer,
+        client,
         identity.as_deref(),
         request_id,
     ))
     .await?;
     Ok(response.map(Either::Left))
-}
-
-fn declared_length(request: &Request<Incoming>) -> Option<u64> {
-    request
-        .headers()
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// The client's `X-Request-Id` when it is short and plain (so it can go into logs and headers
@@ -330,22 +660,32 @@ fn request_id(request: &Request<Incoming>) -> HeaderValue {
 
 /// `wxgate serve`: loads the config, binds the listeners and runs until SIGTERM or SIGINT.
 pub async fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
+    // Before anything is bound or logged: until a handler is in place, a signal's default
+    // action ends the process, and a SIGHUP sent as soon as the gateway says it listens
+    // must reload it.
+    let shutdown = ShutdownSignals::install()?;
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+
     let config = crate::Config::load(config_path)?;
     let (listen, admin_listen) = (config.server.listen, config.server.admin_listen);
     let state = State::shared(config).await?;
     let listener = bind(listen).await?;
+    let admin_listener = match admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     tracing::info!(addr = %listener.local_addr()?, "wxgate listening");
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = watch::channel(false);
     let stop_requested = move || {
         let mut stopped = stopped.clone();
         async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
-    let admin = match admin_listen {
-        Some(addr) => {
-            let admin_listener = bind(addr).await?;
+    let admin = match admin_listener {
+        Some(admin_listener) => {
             tracing::info!(addr = %admin_listener.local_addr()?, "admin listening");
             Some(tokio::spawn(run_admin(
                 admin_listener,
@@ -356,11 +696,15 @@ pub async fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
         None => None,
     };
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.recv().await;
         let _ = stop.send(true);
     });
     #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(config_path.to_path_buf(), state.clone()));
+    tokio::spawn(reload_on_sighup(
+        hangups,
+        config_path.to_path_buf(),
+        state.clone(),
+    ));
     run(listener, state, stop_requested()).await?;
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -372,12 +716,11 @@ pub async fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
 /// Re-reads the config file on every SIGHUP and swaps the state whole. A file that does not
 /// load is refused and the running config keeps serving.
 #[cfg(unix)]
-async fn reload_on_sighup(path: std::path::PathBuf, state: SharedState) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: reloading is off");
-        return;
-    };
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    state: SharedState,
+) {
     while hangups.recv().await.is_some() {
         match reload(&path, &state) {
             Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
@@ -391,13 +734,20 @@ async fn reload_on_sighup(path: std::path::PathBuf, state: SharedState) {
 }
 
 /// Loads `path` and makes it the state new requests see; requests under way finish on the
-/// state they started with.
+/// state they started with. A setting that differs from what the process started with is
+/// named in a warning: it takes effect only after a restart.
 pub fn reload(
     path: &std::path::Path,
     state: &SharedState,
 ) -> Result<(), crate::config::ConfigError> {
     let current = state.load_full();
-    let outcome = build_reloaded(path, &current).map(|next| state.store(Arc::new(next)));
+    let outcome = crate::Config::load(path).and_then(|config| {
+        for key in current.services.restart_settings.changed_in(&config) {
+            tracing::warn!(key, "this setting takes effect only after a restart");
+        }
+        State::new(config, current.services.clone())
+    });
+    let outcome = outcome.map(|next| state.store(Arc::new(next)));
     let result = if outcome.is_ok() { "ok" } else { "error" };
     current
         .services
@@ -408,46 +758,52 @@ pub fn reload(
     outcome
 }
 
-fn build_reloaded(
-    path: &std::path::Path,
-    current: &State,
-) -> Result<State, crate::config::ConfigError> {
-    let config = crate::Config::load(path)?;
-    let running = &current.config;
-    if config.server.listen != running.server.listen
-        || config.server.admin_listen != running.server.admin_listen
-        || config.server.max_connections != running.server.max_connections
-        || config.server.header_timeout != running.server.header_timeout
-    {
-        tracing::warn!("a listener setting changed: it takes effect only after a restart");
-    }
-    if config.store != running.store {
-        tracing::warn!("the store settings changed: they take effect only after a restart");
-    }
-    State::new(config, current.services.clone())
-}
-
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, caught from the moment this is made.
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler cannot fail on unix");
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    pub fn install() -> std::io::Result<ShutdownSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
+    }
+
+    /// Resolves on the first SIGTERM or SIGINT.
+    pub async fn recv(mut self) {
+        #[cfg(unix)]
         tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT after it is first polled.
+pub async fn shutdown_signal() {
+    ShutdownSignals::install()
+        .expect("installing SIGTERM and SIGINT handlers cannot fail")
+        .recv()
+        .await
 }

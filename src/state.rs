@@ -1,12 +1,14 @@
 //! The shared state: everything a request needs, built once per config load and swapped whole
 //! on reload, so a request runs start to finish on the config it began with.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::auth::{Exchanges, LoginLimiter, VerifiedTokens};
-use crate::config::{Config, ConfigError, Problem};
+use crate::config::{Config, ConfigError, Problem, StoreConfig};
 use crate::identity::IdentityRules;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamClient;
@@ -40,6 +42,8 @@ pub struct Services {
     pub revocations: Arc<Revocations>,
     pub wechat: WechatClient,
     pub upstream: UpstreamClient,
+    /// What the listeners and the store were started with.
+    pub restart_settings: RestartSettings,
 }
 
 impl Services {
@@ -69,6 +73,7 @@ impl Services {
             revocations,
             wechat,
             upstream: UpstreamClient::default(),
+            restart_settings: RestartSettings::of(config),
         })
     }
 }
@@ -102,5 +107,51 @@ impl State {
         let services = Arc::new(Services::open(&config).await?);
         let state = State::new(config, services)?;
         Ok(Arc::new(ArcSwap::from_pointee(state)))
+    }
+}
+
+/// What the listeners and the store were started with: a reload cannot change it.
+pub struct RestartSettings {
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+    max_connections: usize,
+    header_timeout: Duration,
+    store: StoreConfig,
+}
+
+impl RestartSettings {
+    pub fn of(config: &Config) -> RestartSettings {
+        let server = &config.server;
+        RestartSettings {
+            listen: server.listen,
+            admin_listen: server.admin_listen,
+            max_connections: server.max_connections,
+            header_timeout: server.header_timeout,
+            store: config.store.clone(),
+        }
+    }
+
+    /// The keys whose value in `config` differs from what the process runs with.
+    pub fn changed_in(&self, config: &Config) -> Vec<&'static str> {
+        let server = &config.server;
+        [
+            ("server.listen", server.listen != self.listen),
+            (
+                "server.admin_listen",
+                server.admin_listen != self.admin_listen,
+            ),
+            (
+                "server.max_connections",
+                server.max_connections != self.max_connections,
+            ),
+            (
+                "server.header_timeout",
+                server.header_timeout != self.header_timeout,
+            ),
+            ("store", config.store != self.store),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 }

@@ -3,9 +3,11 @@
 
 mod common;
 
-use common::{BodySeen, Harness, MAX_BODY, pattern};
+use std::time::Duration;
+
+use common::{BodySeen, Harness, MAX_BODY, Setup, pattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 #[tokio::test]
 async fn eight_megabyte_response_passes_byte_for_byte() {
@@ -79,7 +81,8 @@ async fn declared_oversized_body_is_413_and_never_reaches_the_upstream() {
     let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(body["error"], "payload_too_large");
 
-    // The next body the upstream reads is this one: the oversized one never arrived.
+    // The first and only body the upstream reads is the next one: the oversized one never
+    // arrived, not even in part.
     let response = gw
         .client
         .post(gw.url("/api/public/sink"))
@@ -89,6 +92,7 @@ async fn declared_oversized_body_is_413_and_never_reaches_the_upstream() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(gw.upstream.next_body().await, BodySeen::Complete(10));
+    assert_eq!(gw.upstream.bodies_seen(), 1);
 }
 
 #[tokio::test]
@@ -105,6 +109,7 @@ async fn chunked_body_growing_past_the_limit_is_413_and_aborted_upstream() {
         BodySeen::Aborted(read) => assert!(read as u64 <= MAX_BODY),
         complete => panic!("the upstream saw the body end as if it were complete: {complete:?}"),
     }
+    assert_eq!(gw.upstream.bodies_seen(), 1);
     let (status, _) = gw.get("/api/public/x", &[]).await;
     assert_eq!(status, 200);
 }
@@ -127,9 +132,51 @@ async fn upstream_down_is_502_and_slow_is_504() {
 }
 
 #[tokio::test]
-async fn shutdown_returns_once_drained() {
-    let gw = Harness::start().await;
+async fn an_upstream_that_never_completes_the_connection_is_502() {
+    // A listener with a backlog of zero that never accepts: once one connection waits in its
+    // queue, Linux leaves further connection attempts unanswered, as a firewall that drops
+    // packets or a vanished host would.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let blackhole = socket.listen(0).unwrap();
+    let addr = blackhole.local_addr().unwrap();
+    let _queued = TcpStream::connect(addr).await.unwrap();
+    let gw = Harness::start_with(Setup {
+        sections: format!(
+            "[[routes]]\npath = \"/blackhole/\"\nupstream = \"http://{addr}\"\nauth = \"public\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    // The route's timeout is the default 30 s: the connect timeout, well within it, decides.
+    let (status, body) = gw.get("/blackhole/x", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
     let (status, _) = gw.get("/api/public/x", &[]).await;
     assert_eq!(status, 200);
-    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_returns_once_drained() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"10m\"\nshutdown_grace = \"10m\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+    let _silent = TcpStream::connect(gw.addr).await.unwrap();
+    // Connections are accepted in order: once a later one is served, the silent one is in.
+    let (status, _) = gw
+        .raw("GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(status, 200);
+    // Neither the idle keep-alive connection the client holds nor one that never sent a byte
+    // has a request to finish: neither keeps the drain waiting. The bound turns a hang into a
+    // failure.
+    tokio::time::timeout(Duration::from_secs(30), gw.shutdown())
+        .await
+        .expect("shutdown never returned");
 }

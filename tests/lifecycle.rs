@@ -1,5 +1,7 @@
 //! The `wxgate serve` process as an operator runs it: metrics on the admin listener only,
-//! SIGHUP reloads (a bad file refused), SIGTERM draining an in-flight request.
+//! SIGHUP reloads (a bad file refused, settings that need a restart named), SIGTERM draining
+//! in-flight requests and upgraded connections, requests abandoned by their clients, tunnels
+//! closed when their token expires.
 
 mod common;
 
@@ -8,7 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{APP_SECRET, APPID, JWT_SECRET, Upstream, http_client};
+use common::{APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, http_client, websocket};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use wxgate::mock::wechat::MockWechat;
@@ -24,6 +27,20 @@ struct Process {
 
 impl Process {
     async fn start(config_text: &str) -> Process {
+        let mut process = Process::spawn(config_text);
+        process.addr = process.wait_for("wxgate listening").await["addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        process.admin = process.wait_for("admin listening").await["addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        process
+    }
+
+    /// Starts the process without waiting for it to listen.
+    fn spawn(config_text: &str) -> Process {
         let dir = std::env::temp_dir().join(format!(
             "wxgate-lifecycle-{}-{}",
             std::process::id(),
@@ -52,40 +69,61 @@ impl Process {
                 }
             }
         });
-        let mut process = Process {
+        Process {
             child,
             lines,
             config,
             addr: String::new(),
             admin: String::new(),
-        };
-        process.addr = process.wait_for("wxgate listening").await["addr"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        process.admin = process.wait_for("admin listening").await["addr"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        process
+        }
     }
 
     /// The next log line whose message contains `message`.
     async fn wait_for(&mut self, message: &str) -> serde_json::Value {
-        let wanted = async {
+        self.wait_for_event(message, |event| {
+            event["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(message))
+        })
+        .await
+        .0
+    }
+
+    /// The next log line that `wanted` accepts, and every line logged before it.
+    async fn wait_for_event(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let mut before = Vec::new();
+        let found = async {
             while let Some(event) = self.lines.recv().await {
-                if event["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(message))
-                {
+                if wanted(&event) {
                     return event;
                 }
+                before.push(event);
             }
-            panic!("wxgate exited before logging {message:?}");
+            panic!("wxgate exited before logging {what}");
         };
-        tokio::time::timeout(Duration::from_secs(60), wanted)
+        let event = tokio::time::timeout(Duration::from_secs(60), found)
             .await
-            .unwrap_or_else(|_| panic!("wxgate never logged {message:?}"))
+            .unwrap_or_else(|_| panic!("wxgate never logged {what}"));
+        (event, before)
+    }
+
+    /// The admin listener's answer to `GET path`: status, Content-Type and body.
+    async fn admin_get(&self, path: &str) -> (u16, String, String) {
+        let response = http_client()
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (status, content_type, response.text().await.unwrap())
     }
 
     fn signal(&self, name: &str) {
@@ -205,17 +243,23 @@ async fn metrics_count_traffic_on_the_admin_listener_only() {
         "wxgate_token_verifications_total{result=\"invalid_token\"} 1",
         "wxgate_request_duration_seconds_count{route=\"/api/\"} 4",
         "wxgate_upstream_duration_seconds_count{route=\"/api/\"} 3",
-        "wxgate_in_flight_requests",
+        "\nwxgate_in_flight_requests 0\n",
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
-    for path in ["/healthz", "/readyz"] {
-        let response = client
-            .get(format!("http://{}{path}", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{path}");
+    let (_, content_type, _) = gw.admin_get("/metrics").await;
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    for (path, answer) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let (status, content_type, body) = gw.admin_get(path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            content_type.starts_with("text/plain"),
+            "{path}: {content_type}"
+        );
+        assert_eq!(body, answer, "{path}");
     }
     for path in ["/metrics", "/healthz", "/readyz"] {
         let response = client.get(gw.url(path)).send().await.unwrap();
@@ -327,6 +371,208 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     .await
     .unwrap();
     assert!(exit.success(), "wxgate exited with {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_request_finishes_on_its_config_when_a_reload_removes_its_route() {
+    let (mock, upstream) = world().await;
+    let extra = format!(
+        "[[routes]]\npath = \"/extra/\"\nupstream = \"http://{}\"\nauth = \"public\"\n",
+        upstream.addr
+    );
+    let mut gw = Process::start(&config(mock, upstream.addr, &extra)).await;
+    let client = http_client();
+    let in_flight = tokio::spawn(client.get(gw.url("/extra/held")).send());
+    upstream.held_arrived().await;
+
+    std::fs::write(&gw.config, config(mock, upstream.addr, "")).unwrap();
+    gw.signal("HUP");
+    gw.wait_for("config reloaded").await;
+    let response = client.get(gw.url("/extra/x")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+
+    upstream.release_held();
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_each_setting_that_needs_a_restart_and_a_revert_is_quiet() {
+    let (mock, upstream) = world().await;
+    let running = config(mock, upstream.addr, "");
+    let mut gw = Process::start(&running).await;
+    let restart_keys = |lines: &[serde_json::Value]| {
+        let mut keys: Vec<String> = lines
+            .iter()
+            .filter(|line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("only after a restart"))
+            })
+            .map(|line| line["key"].as_str().unwrap_or("(no key)").to_string())
+            .collect();
+        keys.sort();
+        keys
+    };
+
+    let changed = running.replace(
+        "shutdown_grace = \"30s\"",
+        "shutdown_grace = \"30s\"\nmax_connections = 100\nheader_timeout = \"10s\"",
+    );
+    std::fs::write(&gw.config, changed).unwrap();
+    gw.signal("HUP");
+    let (_, before) = gw
+        .wait_for_event("the first reload", |line| {
+            line["message"] == "config reloaded"
+        })
+        .await;
+    assert_eq!(
+        restart_keys(&before),
+        ["server.header_timeout", "server.max_connections"]
+    );
+
+    // Back to what the listener runs with: nothing waits for a restart any more.
+    std::fs::write(&gw.config, &running).unwrap();
+    gw.signal("HUP");
+    let (_, before) = gw
+        .wait_for_event("the second reload", |line| {
+            line["message"] == "config reloaded"
+        })
+        .await;
+    assert_eq!(restart_keys(&before), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_as_soon_as_the_gateway_listens_reloads_it() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::spawn(&config(mock, upstream.addr, ""));
+    gw.wait_for("wxgate listening").await;
+    gw.signal("HUP");
+    // Had the signal come before its handler, the process would have died of it.
+    gw.wait_for("config reloaded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_abandons_is_logged_and_counted_as_499() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let abandoned = tokio::spawn(
+        http_client()
+            .get(gw.url("/api/public/held"))
+            .header("x-request-id", "abandoned-1")
+            .send(),
+    );
+    upstream.held_arrived().await;
+    // Dropping the request closes its connection, as a client that gives up does.
+    abandoned.abort();
+
+    let (line, _) = gw
+        .wait_for_event("the abandoned request's access line", |line| {
+            line["target"] == "wxgate::access" && line["span"]["request_id"] == "abandoned-1"
+        })
+        .await;
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["route"], "/api/public/");
+    assert_eq!(line["path"], "/api/public/held");
+    let (_, _, metrics) = gw.admin_get("/metrics").await;
+    for line in [
+        "\nwxgate_in_flight_requests 0\n",
+        "wxgate_requests_total{route=\"/api/public/\",status=\"499\"} 1",
+        "wxgate_request_duration_seconds_count{route=\"/api/public/\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opened_with_a_token_closes_when_the_token_expires() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let loaded = wxgate::Config::load(&gw.config).unwrap();
+    let token = wxgate::token::mint(
+        &loaded,
+        &wxgate::token::MintRequest {
+            openid: "o-short-lived",
+            appid: None,
+            ttl: Some(Duration::from_secs(2)),
+        },
+    )
+    .unwrap();
+    let authorization = format!("Bearer {token}");
+    let (status, mut stream) = websocket(
+        gw.addr.parse().unwrap(),
+        "/api/ws",
+        &[
+            ("Authorization", &authorization),
+            ("X-Request-Id", "ws-expiry-1"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 101);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).await.unwrap();
+    assert_eq!(greeting.trim_end(), "openid=o-short-lived");
+    stream.get_mut().write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    // The gateway ends the tunnel: reading reaches its end. The bound only keeps a broken
+    // gateway from hanging the suite.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel outlived its token");
+    let line = gw.wait_for("its token expired").await;
+    assert_eq!(line["span"]["request_id"], "ws-expiry-1", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_upgraded_connection_run_within_the_grace_period() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let (status, mut stream) = websocket(gw.addr.parse().unwrap(), "/api/public/ws", &[]).await;
+    assert_eq!(status, 101);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).await.unwrap();
+
+    gw.signal("TERM");
+    gw.wait_for("draining in-flight requests").await;
+    stream.get_mut().write_all(b"still here").await.unwrap();
+    let mut echoed = [0u8; 10];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"still here");
+
+    // The client leaves: nothing is left to drain.
+    drop(stream);
+    gw.wait_for("wxgate stopped").await;
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = gw.child.wait().unwrap();
+        drop(gw);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(exit.success(), "wxgate exited with {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_the_redis_store_does_not_answer() {
+    let (mock, upstream) = world().await;
+    let redis = RedisServer::start().await;
+    let text = config(mock, upstream.addr, "").replace(
+        "backend = \"memory\"",
+        &format!("backend = \"redis\"\nurl = \"{}\"", redis.url()),
+    );
+    let gw = Process::start(&text).await;
+    assert_eq!(gw.admin_get("/readyz").await.0, 200);
+
+    drop(redis);
+    let (status, content_type, body) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert_eq!(body, "store unavailable");
+    // The process itself is still alive.
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
 }
 
 #[tokio::test]

@@ -1,40 +1,57 @@
-//! HTTP/2 without TLS (h2c), upgrades (WebSocket) with the auth decision at upgrade time, and
-//! clients that trickle their headers.
+//! HTTP/2 without TLS (h2c), upgrades (WebSocket) with the auth decision at upgrade time,
+//! clients that trickle their headers or send nothing, idle connections, and the connection
+//! cap.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{APPID, Harness, Setup, echoed_header};
+use bytes::Bytes;
+use common::{APPID, Harness, Setup, echoed_header, read_answer, websocket};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use wxgate::mock::wechat::MockWechat;
 
-/// Sends a WebSocket handshake for `path`; answers the status and, on 101, the open stream.
+/// How long a test waits for the gateway to close a connection before calling it a failure:
+/// far past any `header_timeout` the tests set, only there to keep a broken gateway from
+/// hanging the suite.
+const CLOSE_BOUND: Duration = Duration::from_secs(20);
+
+/// Reads until the gateway closes the connection; panics if it never does.
+async fn closed_by_the_gateway(stream: &mut TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(CLOSE_BOUND, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{what}: the connection was not closed");
+}
+
+/// The status of `GET path`, bounded like [`closed_by_the_gateway`].
+async fn served(gw: &Harness, path: &str) -> u16 {
+    tokio::time::timeout(CLOSE_BOUND, gw.get(path, &[]))
+        .await
+        .expect("the request was never answered")
+        .0
+}
+
+/// A gateway that gives clients 300 ms to start a request or to sit idle.
+async fn impatient(extra: &str) -> Harness {
+    Harness::start_with(Setup {
+        server_extra: format!("header_timeout = \"300ms\"\n{extra}"),
+        ..Setup::default()
+    })
+    .await
+}
+
+/// Sends a WebSocket handshake for `path`, with a spoofed identity header and the bearer
+/// `token` if given.
 async fn upgrade(gw: &Harness, path: &str, token: Option<&str>) -> (u16, BufReader<TcpStream>) {
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let mut head = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         X-WX-OpenID: spoofed\r\n"
-    );
-    if let Some(token) = token {
-        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![("X-WX-OpenID", "spoofed")];
+    if let Some(authorization) = &authorization {
+        headers.push(("Authorization", authorization));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).await.unwrap();
-    let status = status_line[9..12].parse().unwrap();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-    }
-    (status, reader)
+    websocket(gw.addr, path, &headers).await
 }
 
 #[tokio::test]
@@ -60,6 +77,52 @@ async fn websocket_without_a_token_is_refused_on_a_required_route() {
     let gw = Harness::start().await;
     let (status, _) = upgrade(&gw, "/api/ws", None).await;
     assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn websocket_on_an_optional_route_carries_the_identity_when_a_token_is_sent() {
+    let gw = Harness::start().await;
+    let token = gw.token("yara").await;
+    let (status, mut stream) = upgrade(&gw, "/api/optional/ws", Some(&token)).await;
+    assert_eq!(status, 101);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).await.unwrap();
+    assert_eq!(
+        greeting.trim_end(),
+        format!("openid={}", MockWechat::openid_for(APPID, "yara"))
+    );
+
+    let (status, mut stream) = upgrade(&gw, "/api/optional/ws", None).await;
+    assert_eq!(status, 101);
+    let mut greeting = String::new();
+    stream.read_line(&mut greeting).await.unwrap();
+    assert_eq!(greeting.trim_end(), "openid=");
+
+    let (status, _) = upgrade(&gw, "/api/optional/ws", Some("not-a-token")).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_asked_of_the_upstream() {
+    let gw = Harness::start().await;
+    // Were the upstream to switch, the client would speak HTTP/2 straight to it, past routes,
+    // tokens and header rules. The second request does not even name HTTP2-Settings as
+    // hop-by-hop.
+    for connection in ["Upgrade, HTTP2-Settings", "Upgrade"] {
+        let (status, echo) = gw
+            .raw(&format!(
+                "GET /api/public/x HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\
+                 Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            ))
+            .await;
+        assert_eq!(status, 200, "{connection}");
+        for header in ["upgrade", "http2-settings", "connection"] {
+            assert!(
+                echoed_header(&echo, header).is_empty(),
+                "{connection}: the upstream saw {header}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -117,4 +180,101 @@ async fn a_client_trickling_its_headers_is_cut_off() {
     assert!(read.is_ok(), "the connection was not closed");
     // Other clients are served as usual.
     assert_eq!(gw.get("/api/public/x", &[]).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_closed_and_frees_its_slot() {
+    let gw = impatient("max_connections = 1").await;
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    // With the only slot taken by a client that never speaks, this one is served only once
+    // the gateway gives up on the first.
+    assert_eq!(served(&gw, "/api/public/x").await, 200);
+    closed_by_the_gateway(&mut silent, "silent client").await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_inside_the_http2_preface_is_closed() {
+    let gw = impatient("max_connections = 1").await;
+    let mut stalled = TcpStream::connect(gw.addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP").await.unwrap();
+    assert_eq!(served(&gw, "/api/public/x").await, 200);
+    closed_by_the_gateway(&mut stalled, "half a preface").await;
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_though_it_answers_pings() {
+    let gw = impatient("").await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    // The client side answers the gateway's keep-alive pings for as long as it runs.
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(gw.url("/api/public/x"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let ended = tokio::time::timeout(CLOSE_BOUND, connection).await;
+    assert!(ended.is_ok(), "the idle h2c connection was not closed");
+}
+
+#[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed() {
+    let gw = impatient("").await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut stream).await.0, 200);
+    closed_by_the_gateway(&mut stream, "idle keep-alive connection").await;
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_further_clients_until_a_slot_frees() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "max_connections = 1".into(),
+        ..Setup::default()
+    })
+    .await;
+    let request = b"GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    first.write_all(request).await.unwrap();
+    assert_eq!(read_answer(&mut first).await.0, 200);
+
+    // The kernel completes the second connection, but the gateway leaves it in the backlog.
+    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    second.write_all(request).await.unwrap();
+    // A round trip through the gateway and the upstream after the second client sent its
+    // request: it was not served meanwhile.
+    first.write_all(request).await.unwrap();
+    assert_eq!(read_answer(&mut first).await.0, 200);
+    assert_eq!(gw.upstream.requests_seen(), 2);
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(second.try_read(&mut byte), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock),
+        "the second client was answered while the only slot was taken"
+    );
+
+    drop(first);
+    let answered = tokio::time::timeout(CLOSE_BOUND, read_answer(&mut second)).await;
+    assert_eq!(answered.expect("the freed slot was never used").0, 200);
+    assert_eq!(gw.upstream.requests_seen(), 3);
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431() {
+    let gw = Harness::start().await;
+    let huge = "a".repeat(70 * 1024);
+    let (status, _) = gw
+        .raw(&format!(
+            "GET /api/public/x HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n"
+        ))
+        .await;
+    assert_eq!(status, 431);
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
 }

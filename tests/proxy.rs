@@ -104,8 +104,26 @@ const SPOOFS: &[&str] = &[
     "X_WX_ANYTHING: spoof-11",
 ];
 
-fn spoofing_request(path: &str, addr: std::net::SocketAddr, token: Option<&str>) -> String {
-    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: X-WX-OpenID\r\n");
+/// How a spoofing request is sent: with `Connection: X-WX-OpenID` (which makes the plain
+/// spelling hop-by-hop), or without it, so that only the identity rules can remove it.
+#[derive(Clone, Copy, Debug)]
+enum Hop {
+    Named,
+    NotNamed,
+}
+
+const HOPS: [Hop; 2] = [Hop::Named, Hop::NotNamed];
+
+fn spoofing_request(
+    path: &str,
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    hop: Hop,
+) -> String {
+    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if let Hop::Named = hop {
+        raw.push_str("Connection: X-WX-OpenID\r\n");
+    }
     for spoof in SPOOFS {
         raw.push_str(spoof);
         raw.push_str("\r\n");
@@ -140,66 +158,128 @@ fn identity_headers(echo: &serde_json::Value) -> Vec<(String, String)> {
 #[tokio::test]
 async fn client_supplied_identity_headers_never_reach_a_public_route() {
     let gw = Harness::start().await;
-    let (status, echo) = gw
-        .raw(&spoofing_request("/api/public/x", gw.addr, None))
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(identity_headers(&echo), []);
+    for hop in HOPS {
+        let (status, echo) = gw
+            .raw(&spoofing_request("/api/public/x", gw.addr, None, hop))
+            .await;
+        assert_eq!(status, 200, "{hop:?}");
+        assert_eq!(identity_headers(&echo), [], "{hop:?}");
+    }
 }
 
 #[tokio::test]
 async fn client_supplied_identity_headers_are_stripped_on_optional_routes() {
     let gw = Harness::start().await;
-    let (status, echo) = gw
-        .raw(&spoofing_request("/api/optional/x", gw.addr, None))
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(identity_headers(&echo), []);
-
     let token = gw.token("dave").await;
-    let (status, echo) = gw
-        .raw(&spoofing_request("/api/optional/x", gw.addr, Some(&token)))
-        .await;
-    assert_eq!(status, 200);
     let openid = MockWechat::openid_for(APPID, "dave");
-    let mut seen = identity_headers(&echo);
-    seen.sort();
     let unionid = MockWechat::unionid_for("dave").unwrap();
-    assert_eq!(
-        seen,
-        [
-            ("x-wx-appid".to_string(), APPID.to_string()),
-            ("x-wx-openid".to_string(), openid),
-            ("x-wx-unionid".to_string(), unionid),
-        ]
-    );
+    for hop in HOPS {
+        let (status, echo) = gw
+            .raw(&spoofing_request("/api/optional/x", gw.addr, None, hop))
+            .await;
+        assert_eq!(status, 200, "{hop:?}");
+        assert_eq!(identity_headers(&echo), [], "{hop:?}");
+
+        let (status, echo) = gw
+            .raw(&spoofing_request(
+                "/api/optional/x",
+                gw.addr,
+                Some(&token),
+                hop,
+            ))
+            .await;
+        assert_eq!(status, 200, "{hop:?}");
+        let mut seen = identity_headers(&echo);
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("x-wx-appid".to_string(), APPID.to_string()),
+                ("x-wx-openid".to_string(), openid.clone()),
+                ("x-wx-unionid".to_string(), unionid.clone()),
+            ],
+            "{hop:?}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn client_supplied_identity_headers_are_replaced_on_required_routes() {
     let gw = Harness::start().await;
     let token = gw.token("erin").await;
+    for hop in HOPS {
+        let (status, echo) = gw
+            .raw(&spoofing_request("/api/x", gw.addr, Some(&token), hop))
+            .await;
+        assert_eq!(status, 200, "{hop:?}");
+        let mut seen = identity_headers(&echo);
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("x-wx-appid".to_string(), APPID.to_string()),
+                (
+                    "x-wx-openid".to_string(),
+                    MockWechat::openid_for(APPID, "erin")
+                ),
+                (
+                    "x-wx-unionid".to_string(),
+                    MockWechat::unionid_for("erin").unwrap()
+                ),
+            ],
+            "{hop:?}"
+        );
+        assert!(echoed_header(&echo, "connection").is_empty(), "{hop:?}");
+    }
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_where_the_gateway_owns_the_header() {
+    let gw = Harness::start_with(Setup {
+        sections: "[identity]\nforward_authorization = true\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let token = gw.token("ivan").await;
+    let valid = format!("Bearer {token}");
+    for path in ["/api/x", "/api/optional/x"] {
+        // The first one valid, the second anything at all: with both forwarded, the upstream
+        // might believe the one nobody checked.
+        for second in [valid.as_str(), "Bearer forged", "Basic dXNlcjpwYXNz"] {
+            let response = gw
+                .client
+                .get(gw.url(path))
+                .header("authorization", &valid)
+                .header("authorization", second)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 401, "{path} {second}");
+            assert_eq!(
+                response.headers()["www-authenticate"],
+                "Bearer realm=\"wxgate\", error=\"invalid_token\"",
+                "{path}"
+            );
+            let body: serde_json::Value =
+                serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            assert_eq!(body["error"], "invalid_token", "{path}");
+        }
+        let (status, echo) = gw.get(path, &[("authorization", &valid)]).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(echoed_header(&echo, "authorization"), [valid.as_str()]);
+    }
+    // Public routes leave Authorization to the upstream, all of it.
     let (status, echo) = gw
-        .raw(&spoofing_request("/api/x", gw.addr, Some(&token)))
+        .get(
+            "/api/public/x",
+            &[("authorization", "Basic a"), ("authorization", "Basic b")],
+        )
         .await;
     assert_eq!(status, 200);
-    let mut seen = identity_headers(&echo);
-    seen.sort();
     assert_eq!(
-        seen,
-        [
-            ("x-wx-appid".to_string(), APPID.to_string()),
-            (
-                "x-wx-openid".to_string(),
-                MockWechat::openid_for(APPID, "erin")
-            ),
-            (
-                "x-wx-unionid".to_string(),
-                MockWechat::unionid_for("erin").unwrap()
-            ),
-        ]
+        echoed_header(&echo, "authorization"),
+        ["Basic a", "Basic b"]
     );
-    assert!(echoed_header(&echo, "connection").is_empty());
 }
 
 #[tokio::test]
@@ -431,6 +511,70 @@ async fn bad_paths_are_refused_before_routing() {
 }
 
 #[tokio::test]
+async fn paths_that_upstreams_normalize_cannot_slip_past_a_required_route() {
+    // Everything is public except /api/, which needs a token: each of these reaches
+    // /api/orders at some common upstream stack once it merges slashes, decodes, or strips
+    // path parameters.
+    let gw = Harness::start_with(Setup {
+        sections: "[[routes]]\npath = \"/\"\nupstream = \"http://{upstream}\"\nauth = \"public\"\n"
+            .into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, body) = gw.get("/api/orders", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_token"))
+    );
+    let (status, _) = gw.get("/elsewhere", &[]).await;
+    assert_eq!(status, 200);
+
+    let reached = gw.upstream.requests_seen();
+    for path in [
+        "//api/orders",
+        "/api//orders",
+        "/%61pi/orders",
+        "/%41PI/orders",
+        "/a%70i/orders",
+        "/%2561pi/orders",
+        "/api;x/orders",
+        "/api;/orders",
+        "/api/orders;jsessionid=0",
+        "/%2e/api/orders",
+        "/%2fapi/orders",
+        "/%/api/orders",
+    ] {
+        let (status, body) = gw
+            .raw(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+            .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_path")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        gw.upstream.requests_seen(),
+        reached,
+        "a bad path reached the upstream"
+    );
+
+    // Reserved characters and others outside the unreserved set may still be encoded.
+    for path in [
+        "/files/a%20b",
+        "/files/a%3Ab",
+        "/files/%E4%BD%A0",
+        "/files/100%25",
+    ] {
+        let (status, echo) = gw
+            .raw(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+            .await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(echo["uri"], path);
+    }
+}
+
+#[tokio::test]
 async fn routing_checks_run_in_spec_order() {
     let gw = Harness::start_with(Setup {
         extra_apps: true,
@@ -548,6 +692,42 @@ async fn forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
     );
     assert_eq!(echoed_header(&echo, "x-forwarded-proto"), ["https"]);
     assert_eq!(echoed_header(&echo, "x-forwarded-host"), ["evil.example"]);
+}
+
+#[tokio::test]
+async fn every_x_forwarded_for_line_of_a_trusted_proxy_is_kept() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, echo) = gw
+        .get(
+            "/api/public/x",
+            &[
+                ("x-forwarded-for", "1.1.1.1, 10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        echoed_header(&echo, "x-forwarded-for"),
+        ["1.1.1.1, 10.0.0.1, 10.0.0.2, 127.0.0.1"]
+    );
+
+    // From a peer nobody trusts, none of them.
+    let (_, echo) = Harness::start()
+        .await
+        .get(
+            "/api/public/x",
+            &[
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2"),
+            ],
+        )
+        .await;
+    assert_eq!(echoed_header(&echo, "x-forwarded-for"), ["127.0.0.1"]);
 }
 
 #[tokio::test]

@@ -3,11 +3,13 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 
@@ -54,7 +56,10 @@ pub struct Upstream {
 
 #[derive(Default)]
 struct UpstreamShared {
-    bodies: Mutex<Vec<BodySeen>>,
+    /// Oldest first.
+    bodies: Mutex<VecDeque<BodySeen>>,
+    bodies_seen: AtomicUsize,
+    requests_seen: AtomicUsize,
     body_seen: Notify,
     held_arrived: Notify,
     release_held: Notify,
@@ -84,17 +89,28 @@ impl Upstream {
         Upstream { addr, shared }
     }
 
-    /// Waits until the upstream has finished reading one more body, and returns what it saw.
+    /// Waits until the upstream has finished reading a body not yet returned here, and returns
+    /// what it saw of the oldest such body.
     pub async fn next_body(&self) -> BodySeen {
         loop {
             let notified = self.shared.body_seen.notified();
-            if let Some(seen) = self.shared.bodies.lock().unwrap().pop() {
+            if let Some(seen) = self.shared.bodies.lock().unwrap().pop_front() {
                 return seen;
             }
             tokio::time::timeout(Duration::from_secs(10), notified)
                 .await
                 .expect("the upstream never finished reading a body");
         }
+    }
+
+    /// How many bodies a `/…/sink` request has read to their end or abort so far.
+    pub fn bodies_seen(&self) -> usize {
+        self.shared.bodies_seen.load(Ordering::SeqCst)
+    }
+
+    /// How many requests have reached the upstream so far.
+    pub fn requests_seen(&self) -> usize {
+        self.shared.requests_seen.load(Ordering::SeqCst)
     }
 
     /// Waits until a `/…/held` request has arrived.
@@ -116,6 +132,7 @@ async fn upstream_answer(
     mut request: Request<Incoming>,
     shared: Arc<UpstreamShared>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
+    shared.requests_seen.fetch_add(1, Ordering::SeqCst);
     let path = request.uri().path().to_string();
     if path.ends_with("/held") {
         shared.held_arrived.notify_one();
@@ -190,7 +207,8 @@ async fn upstream_answer(
                 Some(Err(_)) => break BodySeen::Aborted(read),
             }
         };
-        shared.bodies.lock().unwrap().push(outcome);
+        shared.bodies.lock().unwrap().push_back(outcome);
+        shared.bodies_seen.fetch_add(1, Ordering::SeqCst);
         shared.body_seen.notify_one();
         return Ok(Response::new(
             Full::new(Bytes::from_static(b"sunk")).boxed(),
@@ -430,36 +448,7 @@ impl Harness {
     pub async fn raw(&self, raw: &str) -> (u16, serde_json::Value) {
         let mut stream = TcpStream::connect(self.addr).await.unwrap();
         stream.write_all(raw.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buffer = [0u8; 8192];
-        let head_end = loop {
-            let read = stream.read(&mut buffer).await.unwrap();
-            assert!(read > 0, "connection closed before the answer's head");
-            answer.extend_from_slice(&buffer[..read]);
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-        };
-        let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
-        let status: u16 = head[9..12].parse().unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().unwrap())
-            })
-            .expect("answer without Content-Length");
-        while answer.len() < head_end + length {
-            let read = stream.read(&mut buffer).await.unwrap();
-            assert!(read > 0, "connection closed inside the body");
-            answer.extend_from_slice(&buffer[..read]);
-        }
-        let body = &answer[head_end..head_end + length];
-        (
-            status,
-            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
-        )
+        read_answer(&mut stream).await
     }
 
     /// Reloads the gateway from `setup`, as SIGHUP does from the config file: the file is
@@ -481,6 +470,72 @@ impl Harness {
         let _ = self.stop.take().unwrap().send(());
         self.stopped.take().unwrap().await.unwrap().unwrap();
     }
+}
+
+/// Reads one HTTP/1.1 answer from `stream`, leaving the connection open: its status and its
+/// body as JSON (null when it is not). The answer must carry a Content-Length.
+pub async fn read_answer(stream: &mut TcpStream) -> (u16, serde_json::Value) {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let head_end = loop {
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(read > 0, "connection closed before the answer's head");
+        answer.extend_from_slice(&buffer[..read]);
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .expect("answer without Content-Length");
+    while answer.len() < head_end + length {
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(read > 0, "connection closed inside the body");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let body = &answer[head_end..head_end + length];
+    (
+        status,
+        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Sends a WebSocket handshake for `path` with extra header lines; answers the status and,
+/// after the answer's head, the stream.
+pub async fn websocket(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await.unwrap();
+    let status = status_line[9..12].parse().unwrap();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    (status, reader)
 }
 
 /// A plain HTTP client for talking to the servers under test.
@@ -818,7 +873,10 @@ fn log_line(
     let (seen, said) = oneshot::channel();
     std::thread::spawn(move || {
         let mut seen = Some(seen);
-        for line in BufReader::new(output).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(output)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.contains(wanted)
                 && let Some(seen) = seen.take()
             {
@@ -850,7 +908,10 @@ impl GatewayProcess {
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             let mut listening = Some(listening);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
