@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, http_client, websocket};
+use common::{
+    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, http_client, read_answer, websocket,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use wxgate::mock::wechat::MockWechat;
 
@@ -27,7 +29,12 @@ struct Process {
 
 impl Process {
     async fn start(config_text: &str) -> Process {
-        let mut process = Process::spawn(config_text);
+        Process::start_logging(config_text, "info").await
+    }
+
+    /// [`Process::start`] with `RUST_LOG` set to `filter`.
+    async fn start_logging(config_text: &str, filter: &str) -> Process {
+        let mut process = Process::spawn_logging(config_text, filter);
         process.addr = process.wait_for("wxgate listening").await["addr"]
             .as_str()
             .unwrap()
@@ -41,6 +48,10 @@ impl Process {
 
     /// Starts the process without waiting for it to listen.
     fn spawn(config_text: &str) -> Process {
+        Process::spawn_logging(config_text, "info")
+    }
+
+    fn spawn_logging(config_text: &str, filter: &str) -> Process {
         let dir = std::env::temp_dir().join(format!(
             "wxgate-lifecycle-{}-{}",
             std::process::id(),
@@ -52,7 +63,7 @@ impl Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wxgate"))
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             // One worker, as a sidecar pinned to a core runs: the current-thread scheduler
             // (tests/logs.rs runs the multi-thread one).
             .env("TOKIO_WORKER_THREADS", "1")
@@ -610,4 +621,54 @@ async fn check_validates_beside_a_running_gateway_that_holds_the_embedded_store(
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("routes[1].auth"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_sheds_its_buffers_and_serves_its_next_request() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start_logging(
+        &config(mock, upstream.addr, ""),
+        "info,wxgate::server=debug",
+    )
+    .await;
+    let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
+    for round in 0..3 {
+        stream
+            .write_all(b"GET /api/public/again HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, _) = read_answer(&mut stream).await;
+        assert_eq!(status, 200, "request {round} on the same connection");
+        gw.wait_for("idle keep-alive connection shed its buffers")
+            .await;
+    }
+    // Pipelined requests after a shed are all answered, in order.
+    stream
+        .write_all(b"GET /api/public/a HTTP/1.1\r\nHost: gw\r\n\r\nGET /api/public/b HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (first, first_body) = read_answer(&mut stream).await;
+    let (second, second_body) = read_answer(&mut stream).await;
+    assert_eq!((first, second), (200, 200));
+    assert_eq!(first_body["uri"], "/api/public/a");
+    assert_eq!(second_body["uri"], "/api/public/b");
+    assert_eq!(upstream.requests_seen(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_idle_past_the_shedding_point_keeps_working() {
+    let (mock, upstream) = world().await;
+    let gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let addr: std::net::SocketAddr = gw.addr.parse().unwrap();
+    let (status, mut tunnel) = websocket(addr, "/api/public/ws", &[]).await;
+    assert_eq!(status, 101);
+    let mut greeting = String::new();
+    tunnel.read_line(&mut greeting).await.unwrap();
+    // Time itself is what is tested: the tunnel idles well past the point where an HTTP/1
+    // connection would shed its buffers, and must not be mistaken for one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tunnel.get_mut().write_all(b"after idling").await.unwrap();
+    let mut echoed = [0u8; 12];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"after idling");
 }

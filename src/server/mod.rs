@@ -33,6 +33,10 @@ use crate::proxy::{self, X_REQUEST_ID};
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
 
+mod shedding;
+
+use shedding::{Activity, Shedding};
+
 /// A proxied body streams through untouched; the gateway's own answers are small and whole.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
@@ -254,25 +258,9 @@ async fn serve_connection<H, F>(
             return;
         }
     };
-    let io = TokioIo::new(replayed(first_bytes, stream));
     match protocol {
         Protocol::Http1 => {
-            let service = service_fn(move |request| {
-                let answer = handler(request, client.clone());
-                async move { Ok::<_, Infallible>(answer.await) }
-            });
-            let connection = protocols
-                .http1
-                .serve_connection(io, service)
-                .with_upgrades();
-            drive(
-                connection,
-                |connection| connection.graceful_shutdown(),
-                std::future::pending(),
-                phase,
-                peer,
-            )
-            .await;
+            serve_http1(stream, first_bytes, client, handler, &protocols, phase).await;
         }
         Protocol::Http2 => {
             let streams = Arc::new(Streams::new());
@@ -282,21 +270,112 @@ async fn serve_connection<H, F>(
                 let answer = handler(request, client.clone());
                 async move {
                     let response = answer.await;
-                    Ok::<_, Infallible>(response.map(|body| CountedBody {
+                    Ok::<_, Infallible>(response.map(|body| GuardedBody {
                         inner: body,
-                        _stream: stream,
+                        _guard: stream,
                     }))
                 }
             });
-            let connection = protocols.http2.serve_connection(io, service);
+            let io = TokioIo::new(replayed(first_bytes, stream));
+            // Boxed like an HTTP/1 connection, whose task would otherwise have room for it.
+            let mut connection = Box::pin(protocols.http2.serve_connection(io, service));
             drive(
-                connection,
+                connection.as_mut(),
                 |connection| connection.graceful_shutdown(),
                 streams.idle_for(protocols.header_timeout),
                 phase,
                 peer,
             )
             .await;
+        }
+    }
+}
+
+/// An HTTP/1 connection, one hyper connection after another on the same socket: each ends
+/// once the client has idled for [`shedding::SHED_AFTER`], and the next starts when the client
+/// sends again, so that an idle client holds no buffers (see [`shedding`]).
+async fn serve_http1<H, F>(
+    mut stream: TcpStream,
+    first_bytes: Vec<u8>,
+    client: ClientConnection,
+    handler: H,
+    protocols: &Protocols,
+    mut phase: watch::Receiver<Phase>,
+) where
+    H: Fn(Request<Incoming>, ClientConnection) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let peer = client.peer;
+    let activity = Arc::new(Activity::default());
+    let counted = activity.clone();
+    let mut service = service_fn(move |request| {
+        let in_flight = counted.begin();
+        let answer = handler(request, client.clone());
+        let activity = counted.clone();
+        async move {
+            let response = answer.await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                activity.upgraded();
+            }
+            Ok::<_, Infallible>(response.map(|body| GuardedBody {
+                inner: body,
+                _guard: in_flight,
+            }))
+        }
+    });
+    let mut replay = first_bytes;
+    // Idle time left after shedding, up to the keep-alive limit that hyper itself keeps while
+    // its connection waits.
+    let idle_limit = protocols
+        .header_timeout
+        .saturating_sub(shedding::SHED_AFTER);
+    loop {
+        let io = Shedding::new(stream, replay, activity.clone());
+        // Boxed, so that the connection's task keeps only a pointer to it while it idles.
+        let mut connection = Box::new(
+            protocols
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        let ended = drive(
+            Pin::new(&mut *connection),
+            |connection| connection.graceful_shutdown(),
+            std::future::pending(),
+            phase.clone(),
+            peer,
+        )
+        .await;
+        // `None` once upgraded: the socket belongs to the tunnel now.
+        let Some(parts) = (*connection).into_parts().filter(|_| ended) else {
+            return;
+        };
+        let http1::Parts {
+            io,
+            read_buf,
+            service: returned,
+            ..
+        } = parts;
+        // What hyper had read but not used shares its read buffer; a shed connection read
+        // nothing since its last answer.
+        if !read_buf.is_empty() {
+            return;
+        }
+        drop(read_buf);
+        let Some(shed) = io.into_inner().into_shed_stream() else {
+            return;
+        };
+        tracing::debug!(%peer, "idle keep-alive connection shed its buffers");
+        stream = shed;
+        replay = Vec::new();
+        service = returned;
+        let next_request = tokio::select! {
+            readable = tokio::time::timeout(idle_limit, stream.readable()) => readable,
+            _ = phase.wait_for(|phase| *phase != Phase::Serving) => return,
+        };
+        if !matches!(next_request, Ok(Ok(()))) {
+            tracing::debug!(%peer, "keep-alive connection closed: idle for header_timeout");
+            return;
         }
     }
 }
@@ -330,18 +409,20 @@ fn replayed(
 }
 
 /// Serves `connection` to its end. It is asked to finish what it has under way and take nothing
-/// new once the listener drains or `idle` resolves, and is dropped when the grace period is over.
+/// new once the listener drains or `idle` resolves, and is left unfinished when the grace
+/// period is over. True when it ended without an error.
 async fn drive<C, E>(
-    connection: C,
+    mut connection: Pin<&mut C>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
     idle: impl Future<Output = ()>,
     mut phase: watch::Receiver<Phase>,
     peer: SocketAddr,
-) where
+) -> bool
+where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(connection, idle);
+    tokio::pin!(idle);
     let ended = tokio::select! {
         ended = connection.as_mut() => Some(ended),
         () = &mut idle => {
@@ -356,13 +437,14 @@ async fn drive<C, E>(
             graceful_shutdown(connection.as_mut());
             tokio::select! {
                 ended = connection.as_mut() => ended,
-                _ = phase.wait_for(|phase| *phase == Phase::Closed) => return,
+                _ = phase.wait_for(|phase| *phase == Phase::Closed) => return false,
             }
         }
     };
-    if let Err(err) = ended {
+    if let Err(err) = &ended {
         tracing::debug!(%peer, error = %err, "connection ended with an error");
     }
+    ended.is_ok()
 }
 
 /// The streams open on one HTTP/2 connection, and since when none has been. hyper's HTTP/2
@@ -423,13 +505,14 @@ impl Drop for OpenStream {
     }
 }
 
-/// A response body that keeps its stream counted as open while hyper holds it.
-struct CountedBody {
+/// A response body that keeps its request counted as under way (an HTTP/2 stream open, an
+/// HTTP/1 request in flight) while hyper holds it.
+struct GuardedBody<G> {
     inner: ResponseBody,
-    _stream: OpenStream,
+    _guard: G,
 }
 
-impl Body for CountedBody {
+impl<G: Unpin> Body for GuardedBody<G> {
     type Data = Bytes;
     type Error = <ResponseBody as Body>::Error;
 
