@@ -680,8 +680,8 @@ async fn dispatch(
     if auth::owns_path(state, path) {
         *route_label = state.services.metrics.auth_route.clone();
         // Boxed: the login's future (WeChat calls, the exchange cache) is many times the size
-        // of the proxy path's, and hyper keeps a request future's allocation for the life of
-        // each keep-alive connection. Unboxed, every idle connection would carry it.
+        // of the proxy path's, and hyper allocates room for the largest request future once
+        // per connection. Unboxed, every connection would carry it for every request.
         return Box::pin(auth::handle(state, request, client.peer))
             .await
             .map(|response| response.map(Either::Right));
@@ -707,16 +707,17 @@ async fn dispatch(
     if proxy::declared_over(request.body(), state.config.server.max_body_bytes) {
         return Err(Error::PayloadTooLarge);
     }
-    // Boxed for the same reason as the gateway's own endpoints: while idle, a connection then
-    // keeps a pointer's worth of request future rather than the whole proxy state machine.
-    let response = Box::pin(proxy::forward(
+    // Not boxed, unlike the gateway's own endpoints: hyper holds the request future in one
+    // allocation per connection, and an idle connection sheds it (see `shedding`), so
+    // boxing would cost an allocation on every proxied request to save nothing.
+    let response = proxy::forward(
         state,
         route,
         request,
         client,
         identity.as_deref(),
         request_id,
-    ))
+    )
     .await?;
     Ok(response.map(Either::Left))
 }
