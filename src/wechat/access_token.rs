@@ -22,6 +22,10 @@ use crate::error::Error;
 /// A token is replaced this long before WeChat says it expires (SPEC §7).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
+/// WeChat's tokens last two hours; an answer that claims more is believed for a day at most,
+/// which also keeps the moment of renewal within what an `Instant` can hold.
+const LONGEST_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// Where fetched access tokens are kept between calls. A cache that cannot answer (a store
 /// that is down) answers `None` and keeps nothing: the token is then fetched from WeChat.
 #[async_trait]
@@ -136,7 +140,7 @@ impl AccessTokens {
         }
         let fetched = client.fetch_stable_token(settings, app).await;
         if let Ok((token, expires_in)) = &fetched {
-            let fresh_for = expires_in.saturating_sub(REFRESH_MARGIN);
+            let fresh_for = expires_in.saturating_sub(REFRESH_MARGIN).min(LONGEST_KEPT);
             self.cache.keep(&app.appid, token, fresh_for).await;
         }
         let outcome = fetched.map(|(token, _)| token);
@@ -193,6 +197,21 @@ mod tests {
             assert_eq!(mock.stable_token_calls(), expected_calls, "{expires_in}");
         }
         assert_eq!(mock.forced_refreshes(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_expires_in_is_kept_for_a_day_at_most() {
+        let (host, hits) = scripted_host(|_| {
+            text_answer(json!({"access_token": "t", "expires_in": u64::MAX}).to_string())
+        })
+        .await;
+        let client = client();
+        let settings = settings(&[&host], TIMEOUT);
+        for _ in 0..2 {
+            let token = client.access_tokens.get(&client, &settings, &app()).await;
+            assert_eq!(token.unwrap().expose(), "t");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
