@@ -575,6 +575,36 @@ mod tests {
             answer.json()
         }
 
+        async fn post(&self, path_and_query: &str, body: Value) -> Value {
+            let answer = self
+                .send(
+                    self.http
+                        .post(format!("{}{path_and_query}", self.base))
+                        .body(body.to_string()),
+                )
+                .await;
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+            answer.json()
+        }
+
+        async fn stable_token(&self, appid: &str) -> Value {
+            self.post(
+                "/cgi-bin/stable_token",
+                json!({"grant_type": "client_credential", "appid": appid, "secret": "s",
+                       "force_refresh": false}),
+            )
+            .await
+        }
+
+        async fn phone(&self, token: &Value, code: &str) -> Value {
+            let token = token["access_token"].as_str().unwrap();
+            self.post(
+                &format!("/wxa/business/getuserphonenumber?access_token={token}"),
+                json!({ "code": code }),
+            )
+            .await
+        }
+
         async fn encrypt(&self, body: Value) -> Answer {
             self.send(
                 self.http
@@ -772,38 +802,6 @@ mod tests {
             foreign,
             Err(crate::wechat::crypto::OpenDataError::ForeignWatermark)
         );
-    }
-
-    impl Running {
-        async fn post(&self, path_and_query: &str, body: Value) -> Value {
-            let answer = self
-                .send(
-                    self.http
-                        .post(format!("{}{path_and_query}", self.base))
-                        .body(body.to_string()),
-                )
-                .await;
-            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
-            answer.json()
-        }
-
-        async fn stable_token(&self, appid: &str) -> Value {
-            self.post(
-                "/cgi-bin/stable_token",
-                json!({"grant_type": "client_credential", "appid": appid, "secret": "s",
-                       "force_refresh": false}),
-            )
-            .await
-        }
-
-        async fn phone(&self, token: &Value, code: &str) -> Value {
-            let token = token["access_token"].as_str().unwrap();
-            self.post(
-                &format!("/wxa/business/getuserphonenumber?access_token={token}"),
-                json!({ "code": code }),
-            )
-            .await
-        }
     }
 
     #[tokio::test]
