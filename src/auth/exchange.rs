@@ -18,6 +18,7 @@ use moka::future::Cache;
 use moka::ops::compute::Op;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::store_failed;
 use crate::config::{AppConfig, Secret, WechatConfig};
@@ -123,7 +124,9 @@ impl Exchanges {
                     name,
                     secret,
                 };
-                tokio::spawn(job.run(settle, self.flights.clone()));
+                // Its lines carry the request id of the caller that started it.
+                let run = job.run(settle, self.flights.clone());
+                tokio::spawn(run.instrument(tracing::Span::current()));
                 Flight(flight)
             })
             .await;

@@ -225,7 +225,9 @@ fn check_code(code: &str) -> Result<(), Error> {
 
 /// Open data that is not even well-formed is the client's mistake, wherever it is sent.
 fn malformed_open_data() -> Error {
-    Error::BadRequest("encryptedData and iv must be base64, and iv 16 bytes".into())
+    Error::BadRequest(
+        "encryptedData must be base64 of whole 16-byte blocks, and iv base64 of 16 bytes".into(),
+    )
 }
 
 fn store_failed(err: crate::store::StoreError) -> Error {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::state::State;
-use crate::wechat::crypto::{OpenDataError, decrypt_open_data};
+use crate::wechat::crypto::{OpenDataError, SealedData};
 
 #[derive(Deserialize)]
 struct DecryptRequest {
@@ -27,6 +27,9 @@ pub(super) async fn decrypt(
 ) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, request.headers())?;
     let body: DecryptRequest = read_json(state, request).await?;
+    // Input that no key could decrypt is the client's mistake whether or not a key is stored.
+    let sealed =
+        SealedData::parse(&body.encrypted_data, &body.iv).map_err(|_| malformed_open_data())?;
     let session_key = state
         .services
         .store
@@ -34,9 +37,12 @@ pub(super) async fn decrypt(
         .await
         .map_err(store_failed)?
         .ok_or(Error::SessionKeyStale)?;
-    let data = decrypt_open_data(&session_key, &body.encrypted_data, &body.iv, &claims.appid)
+    let data = sealed
+        .open(&session_key, &claims.appid)
         .map_err(|err| match err {
-            OpenDataError::Malformed => malformed_open_data(),
+            // The input's shape was checked: only the stored key can be malformed, and a key
+            // that cannot be used is as good as none.
+            OpenDataError::Malformed => Error::SessionKeyStale,
             // Padding or JSON failing with the newest key means the data was sealed with an
             // older one: a later wx.login rotated it.
             OpenDataError::Undecryptable => Error::SessionKeyStale,

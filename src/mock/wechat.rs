@@ -1,6 +1,7 @@
-//! The mock WeChat API (SPEC §8): code2Session on loopback, answering like the real one
-//! (`text/plain` JSON, single-use codes, errcodes picked by the code), plus `/mock/encrypt` so a
-//! front end can test open data without a phone.
+//! The mock WeChat API (SPEC §8): code2Session, the stable access token and phone numbers on
+//! loopback, answering like the real one (`text/plain` JSON, single-use codes, errcodes picked
+//! by the code), plus `/mock/encrypt` so a front end can test open data without a phone, and
+//! `/mock/expire_token` to play an access token reaching its end.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -38,6 +39,10 @@ pub struct MockWechat {
     stable_token_calls: AtomicU64,
     forced_refreshes: AtomicU64,
     phone_calls: AtomicU64,
+    /// The `expires_in` of the access tokens handed out.
+    access_token_ttl_secs: AtomicU64,
+    /// True while stable-token answers are held back (see [`MockWechat::hold_stable_tokens`]).
+    stable_tokens_held: tokio::sync::watch::Sender<bool>,
     state: Mutex<MockState>,
 }
 
@@ -53,13 +58,18 @@ struct MockState {
     pinned: HashMap<(String, String), String>,
     /// appid → its live access token.
     access_tokens: HashMap<String, String>,
+    /// Access tokens that reached their end: calls with them get 42001.
+    expired_tokens: HashSet<String>,
     /// (appid, phone code) pairs already used.
     used_phone_codes: HashSet<(String, String)>,
 }
 
 impl MockWechat {
     pub fn new() -> Arc<MockWechat> {
-        Arc::new(MockWechat::default())
+        Arc::new(MockWechat {
+            access_token_ttl_secs: AtomicU64::new(ACCESS_TOKEN_TTL_SECS),
+            ..MockWechat::default()
+        })
     }
 
     /// Serves the mock API on `listener` until the task is dropped.
@@ -95,6 +105,35 @@ impl MockWechat {
     /// it get 40001, and the next stable-token request gets a new one.
     pub fn kill_access_token(&self, appid: &str) {
         self.lock().access_tokens.remove(appid);
+    }
+
+    /// Ends `appid`'s access token as time would: calls with it get 42001, and the next
+    /// stable-token request gets a new one. What `POST /mock/expire_token {appid}` does.
+    pub fn expire_access_token(&self, appid: &str) {
+        let mut state = self.lock();
+        if let Some(token) = state.access_tokens.remove(appid) {
+            state.expired_tokens.insert(token);
+        }
+    }
+
+    /// `appid`'s live access token, if one was handed out.
+    pub fn access_token(&self, appid: &str) -> Option<String> {
+        self.lock().access_tokens.get(appid).cloned()
+    }
+
+    /// The `expires_in` of access tokens handed out from now on (7200 unless set).
+    pub fn set_access_token_ttl(&self, secs: u64) {
+        self.access_token_ttl_secs.store(secs, Ordering::SeqCst);
+    }
+
+    /// Holds back every stable-token answer until [`MockWechat::release_stable_tokens`]:
+    /// requests are counted as they arrive, then wait.
+    pub fn hold_stable_tokens(&self) {
+        self.stable_tokens_held.send_replace(true);
+    }
+
+    pub fn release_stable_tokens(&self) {
+        self.stable_tokens_held.send_replace(false);
     }
 
     /// The phone number a `getPhoneNumber` code's user has: a mainland number derived from
@@ -172,13 +211,18 @@ impl MockWechat {
                 self.phone_number(&query, request).await
             }
             (&Method::POST, "/mock/encrypt") => self.encrypt(request).await,
+            (&Method::POST, "/mock/expire_token") => self.expire_token(request).await,
             (_, "/sns/jscode2session") => {
                 self.code2session_calls.fetch_add(1, Ordering::SeqCst);
                 text(StatusCode::OK, &errcode(43001, "require GET method"))
             }
-            (_, "/cgi-bin/stable_token" | "/wxa/business/getuserphonenumber" | "/mock/encrypt") => {
-                text(StatusCode::OK, &errcode(43002, "require POST method"))
-            }
+            (
+                _,
+                "/cgi-bin/stable_token"
+                | "/wxa/business/getuserphonenumber"
+                | "/mock/encrypt"
+                | "/mock/expire_token",
+            ) => text(StatusCode::OK, &errcode(43002, "require POST method")),
             // WeChat's answer to a path it does not serve: a misconfigured host shows up as
             // a WeChat errcode, not as a network failure.
             _ => text(StatusCode::OK, &errcode(40066, "invalid url")),
@@ -257,6 +301,12 @@ impl MockWechat {
         if request.force_refresh {
             self.forced_refreshes.fetch_add(1, Ordering::SeqCst);
         }
+        // Never fails: the sender lives as long as the mock.
+        let _ = self
+            .stable_tokens_held
+            .subscribe()
+            .wait_for(|held| !held)
+            .await;
         let mut state = self.lock();
         if request.force_refresh {
             state.access_tokens.remove(&request.appid);
@@ -272,7 +322,11 @@ impl MockWechat {
             .clone();
         text(
             StatusCode::OK,
-            &json!({ "access_token": token, "expires_in": ACCESS_TOKEN_TTL_SECS }).to_string(),
+            &json!({
+                "access_token": token,
+                "expires_in": self.access_token_ttl_secs.load(Ordering::SeqCst),
+            })
+            .to_string(),
         )
     }
 
@@ -281,16 +335,30 @@ impl MockWechat {
         struct PhoneRequest {
             code: String,
         }
-        let token = form_urlencoded::parse(query.as_bytes())
-            .find(|(name, _)| name == "access_token")
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default();
-        let appid = self
-            .lock()
-            .access_tokens
-            .iter()
-            .find(|(_, live)| **live == token)
-            .map(|(appid, _)| appid.clone());
+        let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        // The code is single-use and secret: in a URL it would reach access logs. A client
+        // that puts it there fails against the mock rather than only in production.
+        if params.contains_key("code") {
+            return text(
+                StatusCode::OK,
+                &errcode(47001, "data format error: code belongs in the JSON body"),
+            );
+        }
+        let token = params.get("access_token").cloned().unwrap_or_default();
+        let (appid, expired) = {
+            let state = self.lock();
+            let appid = state
+                .access_tokens
+                .iter()
+                .find(|(_, live)| **live == token)
+                .map(|(appid, _)| appid.clone());
+            (appid, state.expired_tokens.contains(&token))
+        };
+        if expired {
+            return text(StatusCode::OK, &errcode(42001, "access_token expired"));
+        }
         let Some(appid) = appid else {
             return text(
                 StatusCode::OK,
@@ -368,6 +436,21 @@ impl MockWechat {
                 &errcode(-1, "pinned session_key is not 16 bytes of base64"),
             ),
         }
+    }
+
+    async fn expire_token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        #[derive(Deserialize)]
+        struct ExpireRequest {
+            appid: String,
+        }
+        let Some(ExpireRequest { appid }) = read_json::<ExpireRequest>(request).await else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &errcode(47001, "body must be {appid}"),
+            );
+        };
+        self.expire_access_token(&appid);
+        text(StatusCode::OK, &errcode(0, "ok"))
     }
 }
 
@@ -490,6 +573,36 @@ mod tests {
                 .await;
             assert_eq!(answer.status, StatusCode::OK);
             answer.json()
+        }
+
+        async fn post(&self, path_and_query: &str, body: Value) -> Value {
+            let answer = self
+                .send(
+                    self.http
+                        .post(format!("{}{path_and_query}", self.base))
+                        .body(body.to_string()),
+                )
+                .await;
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+            answer.json()
+        }
+
+        async fn stable_token(&self, appid: &str) -> Value {
+            self.post(
+                "/cgi-bin/stable_token",
+                json!({"grant_type": "client_credential", "appid": appid, "secret": "s",
+                       "force_refresh": false}),
+            )
+            .await
+        }
+
+        async fn phone(&self, token: &Value, code: &str) -> Value {
+            let token = token["access_token"].as_str().unwrap();
+            self.post(
+                &format!("/wxa/business/getuserphonenumber?access_token={token}"),
+                json!({ "code": code }),
+            )
+            .await
         }
 
         async fn encrypt(&self, body: Value) -> Answer {
@@ -689,6 +802,75 @@ mod tests {
             foreign,
             Err(crate::wechat::crypto::OpenDataError::ForeignWatermark)
         );
+    }
+
+    #[tokio::test]
+    async fn a_phone_code_in_the_query_is_refused() {
+        let wechat = start().await;
+        let token = wechat.stable_token(APPID).await;
+        let access_token = token["access_token"].as_str().unwrap();
+        let in_query = wechat
+            .post(
+                &format!(
+                    "/wxa/business/getuserphonenumber?access_token={access_token}&code=hank-1"
+                ),
+                json!({ "code": "hank-1" }),
+            )
+            .await;
+        assert_eq!(in_query["errcode"], 47001, "{in_query}");
+        // The code was not used: in the body, it works.
+        let in_body = wechat.phone(&token, "hank-1").await;
+        assert_eq!(
+            in_body["phone_info"]["phoneNumber"],
+            MockWechat::phone_for("hank")
+        );
+        assert_eq!(in_body["phone_info"]["watermark"]["appid"], APPID);
+    }
+
+    #[tokio::test]
+    async fn access_tokens_last_their_ttl_and_can_be_killed_or_expired() {
+        let wechat = start().await;
+        let first = wechat.stable_token(APPID).await;
+        assert_eq!(first["expires_in"], ACCESS_TOKEN_TTL_SECS);
+        assert_eq!(wechat.stable_token(APPID).await, first, "one token per app");
+        wechat.mock.set_access_token_ttl(300);
+        let again = wechat.stable_token(APPID).await;
+        assert_eq!(again["access_token"], first["access_token"]);
+        assert_eq!(again["expires_in"], 300);
+
+        wechat.mock.kill_access_token(APPID);
+        assert_eq!(wechat.phone(&first, "ida-1").await["errcode"], 40001);
+        let second = wechat.stable_token(APPID).await;
+        assert_ne!(second["access_token"], first["access_token"]);
+        assert_eq!(wechat.phone(&second, "ida-2").await["errcode"], 0);
+
+        let expired = wechat
+            .post("/mock/expire_token", json!({ "appid": APPID }))
+            .await;
+        assert_eq!(expired["errcode"], 0);
+        assert_eq!(wechat.phone(&second, "ida-3").await["errcode"], 42001);
+        let third = wechat.stable_token(APPID).await;
+        assert_ne!(third["access_token"], second["access_token"]);
+        assert_eq!(wechat.phone(&third, "ida-3").await["errcode"], 0);
+        assert_eq!(wechat.mock.forced_refreshes(), 0);
+        assert_eq!(wechat.mock.stable_token_calls(), 5);
+    }
+
+    #[tokio::test]
+    async fn held_stable_tokens_answer_once_released() {
+        let wechat = start().await;
+        wechat.mock.hold_stable_tokens();
+        let mut held = std::pin::pin!(wechat.stable_token(APPID));
+        tokio::select! {
+            _ = held.as_mut() => panic!("answered while held"),
+            () = async {
+                while wechat.mock.stable_token_calls() == 0 {
+                    tokio::task::yield_now().await;
+                }
+            } => {}
+        }
+        wechat.mock.release_stable_tokens();
+        assert!(held.await["access_token"].is_string());
     }
 
     #[tokio::test]

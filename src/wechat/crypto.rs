@@ -18,7 +18,8 @@ type Encryptor = cbc::Encryptor<aes::Aes128>;
 /// failure means different things at login and at `/auth/decrypt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenDataError {
-    /// Bad base64, or a key or iv that is not 16 bytes.
+    /// Bad base64, a key or iv that is not 16 bytes, or a ciphertext that is empty or not a
+    /// whole number of AES blocks.
     Malformed,
     /// Padding or JSON failed: most often the wrong session_key.
     Undecryptable,
@@ -26,39 +27,69 @@ pub enum OpenDataError {
     ForeignWatermark,
 }
 
-fn block16(text: &str) -> Result<[u8; 16], OpenDataError> {
+/// AES's block size: the iv is one block, a ciphertext whole blocks.
+const BLOCK: usize = 16;
+
+fn block16(text: &str) -> Result<[u8; BLOCK], OpenDataError> {
     let bytes = STANDARD
         .decode(text)
         .map_err(|_| OpenDataError::Malformed)?;
     bytes.try_into().map_err(|_| OpenDataError::Malformed)
 }
 
-/// Decrypts and checks the watermark; returns the object without its `watermark`.
+/// `encryptedData` and `iv` whose shape is right: base64, an iv of one block, a ciphertext of
+/// one or more whole blocks. That much needs no key, so input that no key could decrypt is
+/// refused before one is looked up.
+pub struct SealedData {
+    ciphertext: Vec<u8>,
+    iv: [u8; BLOCK],
+}
+
+impl SealedData {
+    pub fn parse(encrypted_data: &str, iv: &str) -> Result<SealedData, OpenDataError> {
+        let iv = block16(iv)?;
+        let ciphertext = STANDARD
+            .decode(encrypted_data)
+            .map_err(|_| OpenDataError::Malformed)?;
+        if ciphertext.is_empty() || ciphertext.len() % BLOCK != 0 {
+            return Err(OpenDataError::Malformed);
+        }
+        Ok(SealedData { ciphertext, iv })
+    }
+
+    /// Decrypts and checks the watermark; returns the object without its `watermark`. A
+    /// session_key that is not 16 bytes of base64 is `Malformed`.
+    pub fn open(
+        &self,
+        session_key: &Secret,
+        appid: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, OpenDataError> {
+        let key = block16(session_key.expose())?;
+        let plaintext = Decryptor::new(&key.into(), &self.iv.into())
+            .decrypt_padded_vec_mut::<Pkcs7>(&self.ciphertext)
+            .map_err(|_| OpenDataError::Undecryptable)?;
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&plaintext).map_err(|_| OpenDataError::Undecryptable)?;
+        let watermark_appid = object
+            .get("watermark")
+            .and_then(|watermark| watermark.get("appid"))
+            .and_then(serde_json::Value::as_str);
+        if watermark_appid != Some(appid) {
+            return Err(OpenDataError::ForeignWatermark);
+        }
+        object.remove("watermark");
+        Ok(object)
+    }
+}
+
+/// [`SealedData::parse`], then [`SealedData::open`].
 pub fn decrypt_open_data(
     session_key: &Secret,
     encrypted_data: &str,
     iv: &str,
     appid: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>, OpenDataError> {
-    let key = block16(session_key.expose())?;
-    let iv = block16(iv)?;
-    let mut buffer = STANDARD
-        .decode(encrypted_data)
-        .map_err(|_| OpenDataError::Malformed)?;
-    let plaintext = Decryptor::new(&key.into(), &iv.into())
-        .decrypt_padded_mut::<Pkcs7>(&mut buffer)
-        .map_err(|_| OpenDataError::Undecryptable)?;
-    let mut object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(plaintext).map_err(|_| OpenDataError::Undecryptable)?;
-    let watermark_appid = object
-        .get("watermark")
-        .and_then(|watermark| watermark.get("appid"))
-        .and_then(serde_json::Value::as_str);
-    if watermark_appid != Some(appid) {
-        return Err(OpenDataError::ForeignWatermark);
-    }
-    object.remove("watermark");
-    Ok(object)
+    SealedData::parse(encrypted_data, iv)?.open(session_key, appid)
 }
 
 /// Seals `plaintext` the way WeChat seals open data, with a fresh random iv: what the mock
@@ -68,7 +99,7 @@ pub fn encrypt_open_data(
     plaintext: &[u8],
 ) -> Result<(String, String), OpenDataError> {
     let key = block16(session_key.expose())?;
-    let mut iv = [0u8; 16];
+    let mut iv = [0u8; BLOCK];
     rand::rngs::OsRng.fill_bytes(&mut iv);
     let sealed = Encryptor::new(&key.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plaintext);
     Ok((STANDARD.encode(sealed), STANDARD.encode(iv)))
@@ -165,8 +196,8 @@ mod tests {
         let cut = STANDARD.encode(&sealed[..sealed.len() - 1]);
         assert_eq!(
             decrypt_open_data(&sample_key(), &cut, SAMPLE_IV, SAMPLE_APPID),
-            Err(OpenDataError::Undecryptable),
-            "not a whole number of blocks"
+            Err(OpenDataError::Malformed),
+            "not a whole number of blocks: no key could decrypt it"
         );
     }
 
@@ -183,6 +214,8 @@ mod tests {
     fn bad_base64_and_wrong_lengths_are_malformed() {
         let short_key = Secret::new(STANDARD.encode([1u8; 15]));
         let long_iv = STANDARD.encode([1u8; 17]);
+        let short_data = STANDARD.encode([1u8; 15]);
+        let long_data = STANDARD.encode([1u8; 33]);
         let cases = [
             (Secret::new("not base64!"), SAMPLE_ENCRYPTED_DATA, SAMPLE_IV),
             (short_key, SAMPLE_ENCRYPTED_DATA, SAMPLE_IV),
@@ -193,6 +226,9 @@ mod tests {
                 "r7BXXKkLb8qrSNn05n0qiA",
             ),
             (sample_key(), "CiyLU1Aw*", SAMPLE_IV),
+            (sample_key(), "", SAMPLE_IV),
+            (sample_key(), &short_data, SAMPLE_IV),
+            (sample_key(), &long_data, SAMPLE_IV),
         ];
         for (key, data, iv) in &cases {
             assert_eq!(
@@ -200,6 +236,9 @@ mod tests {
                 Err(OpenDataError::Malformed),
                 "{data:.10} {iv}"
             );
+            if key.expose() == SAMPLE_SESSION_KEY {
+                assert!(SealedData::parse(data, iv).is_err(), "{data:.10} {iv}");
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::config::{AppConfig, Secret, WechatConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use access_token::AccessTokens;
+use access_token::{AccessTokens, LocalTokens};
 
 /// What code2Session answered for one user. The session_key is a [`Secret`]: it never leaves
 /// the gateway.
@@ -111,7 +111,7 @@ impl WechatClient {
         let _ = rustls::crypto::ring::default_provider().install_default();
         WechatClient {
             http: Mutex::new(None),
-            access_tokens: AccessTokens::default(),
+            access_tokens: AccessTokens::new(Arc::new(LocalTokens::default())),
             metrics,
         }
     }
@@ -200,12 +200,15 @@ impl WechatClient {
                     .body(body.clone())
                 })
                 .await?;
-            // WeChat refused the token before looking at the code: sending the code again
-            // with a fresh token cannot use it twice.
-            if !retried && DEAD_ACCESS_TOKEN.contains(&errcode_of(&answer)) {
-                self.access_tokens.invalidate(&app.appid, &token);
-                retried = true;
-                continue;
+            if DEAD_ACCESS_TOKEN.contains(&errcode_of(&answer)) {
+                // Dropped even after the retry, so that no later call starts with it.
+                self.access_tokens.invalidate(&app.appid, &token).await;
+                // WeChat refused the token before looking at the code: sending the code
+                // again with a fresh token cannot use it twice.
+                if !retried {
+                    retried = true;
+                    continue;
+                }
             }
             let info = accepted::<Answer>(answer)?
                 .phone_info
@@ -471,21 +474,21 @@ mod tests {
     use super::*;
     use crate::mock::wechat::MockWechat;
 
-    const APPID: &str = "wx00000000000000a1";
+    pub(super) const APPID: &str = "wx00000000000000a1";
     const APP_SECRET: &str = "app-secret-that-must-not-leak";
 
-    fn client() -> WechatClient {
+    pub(super) fn client() -> WechatClient {
         WechatClient::new(Arc::new(Metrics::default()))
     }
 
-    fn app() -> AppConfig {
+    pub(super) fn app() -> AppConfig {
         AppConfig {
             appid: APPID.to_string(),
             secret: Secret::new(APP_SECRET),
         }
     }
 
-    fn settings(hosts: &[&str], timeout: Duration) -> WechatConfig {
+    pub(super) fn settings(hosts: &[&str], timeout: Duration) -> WechatConfig {
         WechatConfig {
             hosts: hosts.iter().map(|host| host.to_string()).collect(),
             timeout,
@@ -493,7 +496,7 @@ mod tests {
         }
     }
 
-    async fn start_mock() -> (Arc<MockWechat>, String) {
+    pub(super) async fn start_mock() -> (Arc<MockWechat>, String) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = format!("http://{}", listener.local_addr().unwrap());
         let mock = MockWechat::new();
@@ -519,23 +522,47 @@ mod tests {
         (format!("http://{addr}"), listener, filler)
     }
 
-    /// A host that answers every request with `answer`, counting requests.
-    async fn scripted_host(
-        answer: impl Fn() -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+    /// A host that answers every request with `answer(path)`, counting requests.
+    pub(super) async fn scripted_host(
+        answer: impl Fn(&str) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
     ) -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        tokio::spawn(crate::mock::serve(
+            listener,
+            move |request: Request<Incoming>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answer = answer(request.uri().path());
+                async move { answer }
+            },
+        ));
+        (host, hits)
+    }
+
+    /// A host that accepts requests and never answers them, counting requests.
+    async fn silent_host() -> (String, Arc<AtomicU64>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = format!("http://{}", listener.local_addr().unwrap());
         let hits = Arc::new(AtomicU64::new(0));
         let counted = hits.clone();
         tokio::spawn(crate::mock::serve(listener, move |_: Request<Incoming>| {
             counted.fetch_add(1, Ordering::SeqCst);
-            let answer = answer.clone();
-            async move { answer() }
+            std::future::pending()
         }));
         (host, hits)
     }
 
-    fn status_answer(status: StatusCode, location: Option<String>) -> Response<Full<Bytes>> {
+    /// A 200 answer with `body` as WeChat sends it.
+    pub(super) fn text_answer(body: String) -> Response<Full<Bytes>> {
+        Response::new(Full::new(Bytes::from(body)))
+    }
+
+    pub(super) fn status_answer(
+        status: StatusCode,
+        location: Option<String>,
+    ) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(Bytes::from_static(b"{\"errcode\":0}")));
         *response.status_mut() = status;
         if let Some(location) = location {
@@ -556,7 +583,7 @@ mod tests {
             .await
     }
 
-    const TIMEOUT: Duration = Duration::from_secs(5);
+    pub(super) const TIMEOUT: Duration = Duration::from_secs(5);
 
     #[tokio::test]
     async fn an_exchange_answers_the_users_openid_unionid_and_session_key() {
@@ -729,7 +756,7 @@ mod tests {
     async fn a_5xx_is_wechat_unavailable_and_the_code_is_not_resent() {
         let (mock, host) = start_mock().await;
         let (failing, hits) =
-            scripted_host(|| status_answer(StatusCode::INTERNAL_SERVER_ERROR, None)).await;
+            scripted_host(|_| status_answer(StatusCode::INTERNAL_SERVER_ERROR, None)).await;
         let err = exchange(&[&failing, &host], TIMEOUT, "grace")
             .await
             .unwrap_err();
@@ -747,7 +774,7 @@ mod tests {
     async fn a_redirect_is_not_followed() {
         let (mock, host) = start_mock().await;
         let target = format!("{host}/sns/jscode2session?appid={APPID}&secret=x&js_code=heidi");
-        let (redirecting, hits) = scripted_host(move || {
+        let (redirecting, hits) = scripted_host(move |_| {
             status_answer(StatusCode::TEMPORARY_REDIRECT, Some(target.clone()))
         })
         .await;
@@ -784,6 +811,140 @@ mod tests {
         assert_eq!(mock.code2session_calls(), 2);
     }
 
+    async fn stable_token(hosts: &[&str], timeout: Duration) -> Result<Secret, Error> {
+        let client = client();
+        client
+            .access_tokens
+            .get(&client, &settings(hosts, timeout), &app())
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_stable_token_timeout_fails_over_to_the_next_host() {
+        let (mock, host) = start_mock().await;
+        let (silent, hits) = silent_host().await;
+        let token = stable_token(&[&silent, &host], Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(Some(token.expose()), mock.access_token(APPID).as_deref());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(mock.stable_token_calls(), 1);
+        assert_eq!(mock.forced_refreshes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stable_token_answer_that_is_not_json_fails_over_to_the_next_host() {
+        let (mock, host) = start_mock().await;
+        let (garbage, hits) =
+            scripted_host(|_| text_answer("<html>502 Bad Gateway</html>".into())).await;
+        let token = stable_token(&[&garbage, &host], TIMEOUT).await.unwrap();
+        assert_eq!(Some(token.expose()), mock.access_token(APPID).as_deref());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(mock.stable_token_calls(), 1);
+    }
+
+    /// A host whose stable token is `t` and whose phone answer carries `watermark`.
+    async fn phone_host(watermark: Value) -> String {
+        let (host, _) = scripted_host(move |path| {
+            let body = match path {
+                "/cgi-bin/stable_token" => {
+                    serde_json::json!({"access_token": "t", "expires_in": 7200})
+                }
+                _ => serde_json::json!({"errcode": 0, "phone_info": {
+                    "phoneNumber": "13800000000",
+                    "purePhoneNumber": "13800000000",
+                    "countryCode": "86",
+                    "watermark": watermark,
+                }}),
+            };
+            text_answer(body.to_string())
+        })
+        .await;
+        host
+    }
+
+    #[tokio::test]
+    async fn a_phone_number_of_another_app_or_without_watermark_is_refused() {
+        let phone = |host: String| async move {
+            client()
+                .phone_number(&settings(&[&host], TIMEOUT), &app(), "p-1")
+                .await
+        };
+        let own =
+            phone(phone_host(serde_json::json!({"appid": APPID, "timestamp": 1})).await).await;
+        assert_eq!(own.unwrap().phone_number, "13800000000");
+        for watermark in [
+            serde_json::json!({"appid": "wx00000000000000b2", "timestamp": 1}),
+            serde_json::json!({"timestamp": 1}),
+            serde_json::json!({"appid": 7}),
+            Value::Null,
+        ] {
+            let refused = phone(phone_host(watermark.clone()).await).await;
+            assert_eq!(
+                refused.unwrap_err(),
+                Error::WechatUnavailable {
+                    wechat_errcode: None
+                },
+                "{watermark}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_access_token_42001_is_replaced_once_like_a_dead_one() {
+        let (mock, host) = start_mock().await;
+        let client = client();
+        let quick = settings(&[&host], TIMEOUT);
+        client.phone_number(&quick, &app(), "pat-1").await.unwrap();
+        let first = mock.access_token(APPID).unwrap();
+        mock.expire_access_token(APPID);
+        let phone = client.phone_number(&quick, &app(), "pat-2").await.unwrap();
+        assert_eq!(phone.phone_number, MockWechat::phone_for("pat"));
+        assert_ne!(mock.access_token(APPID).unwrap(), first);
+        assert_eq!(mock.stable_token_calls(), 2);
+        assert_eq!(
+            mock.phone_calls(),
+            3,
+            "before, with the expired token, retried"
+        );
+        assert_eq!(mock.forced_refreshes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_token_refused_again_after_the_retry_is_not_kept() {
+        let (host, hits) = scripted_host(|path| {
+            let body = match path {
+                "/cgi-bin/stable_token" => {
+                    serde_json::json!({"access_token": "t", "expires_in": 7200})
+                }
+                _ => serde_json::json!({"errcode": 40001, "errmsg": "invalid credential"}),
+            };
+            text_answer(body.to_string())
+        })
+        .await;
+        let client = client();
+        let quick = settings(&[&host], TIMEOUT);
+        let err = client
+            .phone_number(&quick, &app(), "q-1")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::WechatUnavailable {
+                wechat_errcode: Some(40001)
+            }
+        );
+        // Two stable-token and two phone requests: the call and its one retry.
+        assert_eq!(hits.load(Ordering::SeqCst), 4);
+        // The next caller does not start with the token WeChat refused twice.
+        client
+            .access_tokens
+            .get(&client, &quick, &app())
+            .await
+            .unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 5);
+    }
+
     /// Collects everything a `fmt` subscriber writes.
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -816,7 +977,7 @@ mod tests {
 
         let (_mock, host) = start_mock().await;
         let (redirecting, _) =
-            scripted_host(|| status_answer(StatusCode::FOUND, Some("http://127.0.0.1:9/".into())))
+            scripted_host(|_| status_answer(StatusCode::FOUND, Some("http://127.0.0.1:9/".into())))
                 .await;
         let client = client();
         let quick = settings(&[&closed_host(), &host], TIMEOUT);
