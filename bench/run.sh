@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark of SPEC §10 in one command: installs nginx and wrk when missing, builds the
-# release binary, then runs bench/bench.py (arguments are passed on: --rounds, --seconds).
+# The benchmark of SPEC §10 in one command: installs nginx and wrk (Debian) and oha (crates.io)
+# when missing, builds the release binary, then runs bench/bench.py (arguments are passed on:
+# --rounds, --seconds, --idle-connections, --paced-rate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -10,5 +11,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update
   apt-get install -y "${missing[@]}"
 fi
+# oha sends a fixed number of requests a second, for latency at the same load; Debian has no
+# load generator that does.
+command -v oha >/dev/null || cargo install oha --locked
 cargo build --release
 exec python3 bench/bench.py "$@"
