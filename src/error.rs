@@ -1,6 +1,6 @@
 //! The gateway's errors and the one mapping from each of them to a status code and a JSON body
-//! (SPEC §4). The `match` in [`Error::status_and_code`] has no catch-all arm on purpose: a new
-//! variant does not compile until someone decides what the client sees.
+//! (SPEC §4). The `match` in `Error::answer` has no catch-all arm on purpose: a new variant
+//! does not compile until someone decides what the client sees.
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -92,73 +92,109 @@ struct ErrorBody<'a> {
     wechat_errcode: Option<i64>,
 }
 
+/// What the client is told of an error, beyond its message.
+struct Answer {
+    status: StatusCode,
+    code: &'static str,
+    /// The `errcode` WeChat answered, when WeChat caused the error.
+    wechat_errcode: Option<i64>,
+    /// For `Retry-After`.
+    retry_after_secs: Option<u64>,
+}
+
+impl Answer {
+    fn new(status: StatusCode, code: &'static str) -> Answer {
+        Answer {
+            status,
+            code,
+            wechat_errcode: None,
+            retry_after_secs: None,
+        }
+    }
+
+    fn wechat_errcode(mut self, errcode: Option<i64>) -> Answer {
+        self.wechat_errcode = errcode;
+        self
+    }
+
+    fn retry_after(mut self, secs: u64) -> Answer {
+        // `Retry-After: 0` would invite an immediate retry of what just failed.
+        self.retry_after_secs = Some(secs.max(1));
+        self
+    }
+}
+
 impl Error {
-    /// The status and the machine-readable code of SPEC §4.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The status, the machine-readable code of SPEC §4, and what WeChat said.
+    fn answer(&self) -> Answer {
         use Error::*;
         match self {
-            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            BadPath => (StatusCode::BAD_REQUEST, "bad_path"),
-            InvalidCode { .. } => (StatusCode::BAD_REQUEST, "invalid_code"),
-            UnknownApp(_) => (StatusCode::BAD_REQUEST, "unknown_app"),
-            InvalidEncryptedData => (StatusCode::BAD_REQUEST, "invalid_encrypted_data"),
-            InvalidSignature => (StatusCode::BAD_REQUEST, "invalid_signature"),
-            MissingToken => (StatusCode::UNAUTHORIZED, "missing_token"),
-            InvalidToken => (StatusCode::UNAUTHORIZED, "invalid_token"),
-            TokenExpired => (StatusCode::UNAUTHORIZED, "token_expired"),
-            TokenRevoked => (StatusCode::UNAUTHORIZED, "token_revoked"),
-            InvalidRefreshToken => (StatusCode::UNAUTHORIZED, "invalid_refresh_token"),
-            RefreshTokenReused => (StatusCode::UNAUTHORIZED, "refresh_token_reused"),
-            ForbiddenApp => (StatusCode::FORBIDDEN, "forbidden_app"),
-            WechatRiskyUser { .. } => (StatusCode::FORBIDDEN, "wechat_risky_user"),
-            LoginRefused => (StatusCode::FORBIDDEN, "login_refused"),
-            NoRoute => (StatusCode::NOT_FOUND, "no_route"),
-            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            SessionKeyStale => (StatusCode::CONFLICT, "session_key_stale"),
-            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
-            WechatUnavailable { .. } => (StatusCode::BAD_GATEWAY, "wechat_unavailable"),
-            LoginHookUnavailable => (StatusCode::BAD_GATEWAY, "login_hook_unavailable"),
-            WechatBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "wechat_busy"),
-            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-            WechatTimeout => (StatusCode::GATEWAY_TIMEOUT, "wechat_timeout"),
-            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            BadRequest(_) => Answer::new(StatusCode::BAD_REQUEST, "bad_request"),
+            BadPath => Answer::new(StatusCode::BAD_REQUEST, "bad_path"),
+            InvalidCode { wechat_errcode } => Answer::new(StatusCode::BAD_REQUEST, "invalid_code")
+                .wechat_errcode(Some(*wechat_errcode)),
+            UnknownApp(_) => Answer::new(StatusCode::BAD_REQUEST, "unknown_app"),
+            InvalidEncryptedData => Answer::new(StatusCode::BAD_REQUEST, "invalid_encrypted_data"),
+            InvalidSignature => Answer::new(StatusCode::BAD_REQUEST, "invalid_signature"),
+            MissingToken => Answer::new(StatusCode::UNAUTHORIZED, "missing_token"),
+            InvalidToken => Answer::new(StatusCode::UNAUTHORIZED, "invalid_token"),
+            TokenExpired => Answer::new(StatusCode::UNAUTHORIZED, "token_expired"),
+            TokenRevoked => Answer::new(StatusCode::UNAUTHORIZED, "token_revoked"),
+            InvalidRefreshToken => Answer::new(StatusCode::UNAUTHORIZED, "invalid_refresh_token"),
+            RefreshTokenReused => Answer::new(StatusCode::UNAUTHORIZED, "refresh_token_reused"),
+            ForbiddenApp => Answer::new(StatusCode::FORBIDDEN, "forbidden_app"),
+            WechatRiskyUser { wechat_errcode } => {
+                Answer::new(StatusCode::FORBIDDEN, "wechat_risky_user")
+                    .wechat_errcode(Some(*wechat_errcode))
+            }
+            LoginRefused => Answer::new(StatusCode::FORBIDDEN, "login_refused"),
+            NoRoute => Answer::new(StatusCode::NOT_FOUND, "no_route"),
+            MethodNotAllowed => Answer::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            SessionKeyStale => Answer::new(StatusCode::CONFLICT, "session_key_stale"),
+            PayloadTooLarge => Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            RateLimited {
+                retry_after_secs,
+                wechat_errcode,
+            } => Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+                .wechat_errcode(*wechat_errcode)
+                .retry_after(*retry_after_secs),
+            UpstreamUnavailable => Answer::new(StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            WechatUnavailable { wechat_errcode } => {
+                Answer::new(StatusCode::BAD_GATEWAY, "wechat_unavailable")
+                    .wechat_errcode(*wechat_errcode)
+            }
+            LoginHookUnavailable => Answer::new(StatusCode::BAD_GATEWAY, "login_hook_unavailable"),
+            WechatBusy { retry_after_secs } => {
+                Answer::new(StatusCode::SERVICE_UNAVAILABLE, "wechat_busy")
+                    .wechat_errcode(Some(-1))
+                    .retry_after(*retry_after_secs)
+            }
+            UpstreamTimeout => Answer::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            WechatTimeout => Answer::new(StatusCode::GATEWAY_TIMEOUT, "wechat_timeout"),
+            Internal => Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 
     /// The machine-readable code alone, for logs and metric labels.
     pub fn code(&self) -> &'static str {
-        self.status_and_code().1
-    }
-
-    fn wechat_errcode(&self) -> Option<i64> {
-        match self {
-            Error::InvalidCode { wechat_errcode } | Error::WechatRiskyUser { wechat_errcode } => {
-                Some(*wechat_errcode)
-            }
-            Error::RateLimited { wechat_errcode, .. } => *wechat_errcode,
-            Error::WechatUnavailable { wechat_errcode } => *wechat_errcode,
-            Error::WechatBusy { .. } => Some(-1),
-            _ => None,
-        }
+        self.answer().code
     }
 
     /// On a 401, a request that carried no token is only told how to authenticate (RFC 6750
     /// §3.1); one whose token was refused is also told that the token is the problem.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let (status, code) = self.status_and_code();
+        let answer = self.answer();
         let body = ErrorBody {
-            error: code,
+            error: answer.code,
             message: self.to_string(),
-            wechat_errcode: self.wechat_errcode(),
+            wechat_errcode: answer.wechat_errcode,
         };
         let json = serde_json::to_vec(&body).expect("an error body always serializes");
         let mut response = Response::new(Full::new(Bytes::from(json)));
-        *response.status_mut() = status;
+        *response.status_mut() = answer.status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-        if status == StatusCode::UNAUTHORIZED {
+        if answer.status == StatusCode::UNAUTHORIZED {
             let challenge = if self == Error::MissingToken {
                 BEARER_CHALLENGE
             } else {
@@ -166,14 +202,8 @@ impl Error {
             };
             headers.insert(WWW_AUTHENTICATE, challenge);
         }
-        match self {
-            Error::RateLimited {
-                retry_after_secs, ..
-            }
-            | Error::WechatBusy { retry_after_secs } => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
-            }
-            _ => {}
+        if let Some(secs) = answer.retry_after_secs {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
