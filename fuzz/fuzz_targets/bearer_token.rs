@@ -134,8 +134,8 @@ fuzz_target!(|case: Case<'_>| {
             let mut headers = HeaderMap::new();
             headers.insert(AUTHORIZATION, value);
             match wxgate::auth::bearer_token(&headers) {
-                Some(token) => token.to_string(),
-                None => return,
+                Ok(Some(token)) => token.to_string(),
+                _ => return,
             }
         }
         Case::Spliced {

@@ -91,7 +91,7 @@ pub fn authorize(
 ) -> Result<Option<Arc<Claims>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
-        AuthMode::Optional => match bearer_token(headers) {
+        AuthMode::Optional => match bearer_token(headers)? {
             None => return Ok(None),
             Some(token) => verify_token(state, token)?,
         },
@@ -105,7 +105,7 @@ pub fn authorize(
 
 /// The verified claims of the request's bearer token, or why there are none.
 pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Claims>, Error> {
-    let token = bearer_token(headers).ok_or(Error::MissingToken)?;
+    let token = bearer_token(headers)?.ok_or(Error::MissingToken)?;
     verify_token(state, token)
 }
 
@@ -150,13 +150,27 @@ fn check_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
 }
 
 /// The token of an `Authorization: Bearer …` header, the scheme matched case-insensitively
-/// (RFC 7235 §2.1). Another scheme counts as no bearer token.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+/// (RFC 7235 §2.1). Another scheme counts as no bearer token. Two `Authorization` headers are
+/// refused: the gateway would check one while whatever reads the request after it (the
+/// upstream, given `forward_authorization`) might believe the other.
+pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Error> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Error::InvalidToken);
+    }
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|value| value.split_once(' '))
+        .and_then(|(scheme, token)| {
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
+    Ok(token)
 }
 
 /// Reads a JSON body of at most `server.max_body_bytes`: 413 past it, 400 for anything
@@ -264,7 +278,7 @@ mod tests {
             ("Bearer", None),
         ] {
             headers.insert(AUTHORIZATION, HeaderValue::from_static(value));
-            assert_eq!(bearer_token(&headers), expected, "{value}");
+            assert_eq!(bearer_token(&headers), Ok(expected), "{value}");
         }
     }
 

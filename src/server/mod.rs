@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
@@ -26,7 +26,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::auth;
-use crate::config::AuthMode;
 use crate::error::Error;
 use crate::metrics::{self, Metrics, RouteLabel, RouteStatus};
 use crate::proxy::{self, X_REQUEST_ID};
@@ -690,18 +689,6 @@ async fn dispatch(
     *route_label = route.label.clone();
     if !route.allows_method(request.method()) {
         return Err(Error::MethodNotAllowed);
-    }
-    // With two, the first would decide while the upstream, given both, might believe the
-    // other one.
-    if route.auth() != AuthMode::Public
-        && request
-            .headers()
-            .get_all(AUTHORIZATION)
-            .iter()
-            .nth(1)
-            .is_some()
-    {
-        return Err(Error::InvalidToken);
     }
     let identity = auth::authorize(state, route, request.headers())?;
     if proxy::declared_over(request.body(), state.config.server.max_body_bytes) {
