@@ -222,6 +222,32 @@ async fn mock_encrypt(gw: &Harness, openid: &str, data: serde_json::Value) -> se
 }
 
 #[tokio::test]
+async fn open_data_that_no_key_could_open_is_refused_before_the_code_is_spent() {
+    let gw = Harness::start().await;
+    let malformed = [
+        serde_json::json!({"code": "quinn-1", "encryptedData": "not base64!", "iv": "r7BXXKkLb8qrSNn05n0qiA=="}),
+        serde_json::json!({"code": "quinn-1", "encryptedData": "AAAA", "iv": "r7BXXKkLb8qrSNn05n0qiA=="}),
+        serde_json::json!({"code": "quinn-1", "encryptedData": "", "iv": "r7BXXKkLb8qrSNn05n0qiA=="}),
+        serde_json::json!({"code": "quinn-1", "encryptedData": "AAAAAAAAAAAAAAAAAAAAAA==", "iv": "c2hvcnQ="}),
+        serde_json::json!({"code": "quinn-1", "encryptedData": "AAAAAAAAAAAAAAAAAAAAAA=="}),
+        serde_json::json!({"code": "quinn-1", "rawData": "{}"}),
+    ];
+    for body in malformed {
+        let (status, answer) = gw.login_raw(body.clone()).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("bad_request")),
+            "{body}"
+        );
+    }
+    assert_eq!(gw.mock.code2session_calls(), 0);
+    // The code is still good: the front end fixes its request and logs in with it.
+    let (status, answer) = gw.login_raw(serde_json::json!({"code": "quinn-1"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(gw.mock.code2session_calls(), 1);
+}
+
+#[tokio::test]
 async fn encrypted_user_data_is_decrypted_at_login_and_tampering_is_refused() {
     let gw = Harness::start().await;
     let openid = gw.login("peggy-1").await["openid"]

@@ -18,7 +18,7 @@ use crate::proxy::client_ip;
 use crate::state::State;
 use crate::store::SessionRecord;
 use crate::token::unix_now;
-use crate::wechat::crypto::{OpenDataError, decrypt_open_data, signature_matches};
+use crate::wechat::crypto::{OpenDataError, SealedData, signature_matches};
 
 /// Field names follow the mini-program's own, so the front end can pass on what WeChat gave it.
 #[derive(Deserialize)]
@@ -72,23 +72,13 @@ async fn log_in(
     check_code(&body.code)?;
     let app = resolve_app(state, body.appid.as_deref())?;
     appid.clone_from(&app.appid);
-    let session = state
-        .services
-        .exchanges
-        .exchange(state, app, &body.code)
-        .await?;
-
-    let user = match (&body.encrypted_data, &body.iv) {
-        (Some(encrypted), Some(iv)) => Some(
-            decrypt_open_data(&session.session_key, encrypted, iv, &app.appid).map_err(|err| {
-                match err {
-                    OpenDataError::Malformed => malformed_open_data(),
-                    OpenDataError::Undecryptable | OpenDataError::ForeignWatermark => {
-                        Error::InvalidEncryptedData
-                    }
-                }
-            })?,
-        ),
+    // Everything that can be refused without WeChat is refused before the code is spent: a
+    // code that reached WeChat cannot be used again, so the front end would have to call
+    // wx.login again for a mistake of its own.
+    let sealed = match (&body.encrypted_data, &body.iv) {
+        (Some(encrypted), Some(iv)) => {
+            Some(SealedData::parse(encrypted, iv).map_err(|_| malformed_open_data())?)
+        }
         (None, None) => None,
         _ => {
             return Err(Error::BadRequest(
@@ -96,18 +86,37 @@ async fn log_in(
             ));
         }
     };
-    match (&body.raw_data, &body.signature) {
-        (Some(raw_data), Some(signature)) => {
-            if !signature_matches(raw_data, &session.session_key, signature) {
-                return Err(Error::InvalidSignature);
-            }
-        }
-        (None, None) => {}
+    let signed = match (&body.raw_data, &body.signature) {
+        (Some(raw_data), Some(signature)) => Some((raw_data, signature)),
+        (None, None) => None,
         _ => {
             return Err(Error::BadRequest(
                 "rawData and signature must be sent together".into(),
             ));
         }
+    };
+    let session = state
+        .services
+        .exchanges
+        .exchange(state, app, &body.code)
+        .await?;
+
+    let user = sealed
+        .map(|sealed| sealed.open(&session.session_key, &app.appid))
+        .transpose()
+        .map_err(|err| match err {
+            // The session_key WeChat gave is not a 16-byte key: WeChat's answer is at fault.
+            OpenDataError::Malformed => Error::WechatUnavailable {
+                wechat_errcode: None,
+            },
+            OpenDataError::Undecryptable | OpenDataError::ForeignWatermark => {
+                Error::InvalidEncryptedData
+            }
+        })?;
+    if let Some((raw_data, signature)) = signed
+        && !signature_matches(raw_data, &session.session_key, signature)
+    {
+        return Err(Error::InvalidSignature);
     }
 
     let claims = match &state.config.login_hook {

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -183,12 +183,7 @@ async fn read_json<T: DeserializeOwned>(
     request: Request<Incoming>,
 ) -> Result<T, Error> {
     let server = &state.config.server;
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > server.max_body_bytes) {
+    if crate::proxy::declared_over(request.body(), server.max_body_bytes) {
         return Err(Error::PayloadTooLarge);
     }
     let limit = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
