@@ -58,8 +58,11 @@ impl Services {
         revocations.start_sync(&store).await;
         let metrics = Arc::new(Metrics::default());
         let wechat = WechatClient::new(metrics.clone());
+        // A redirect would turn the hook's POST into a GET somewhere else: it is answered as
+        // the unexpected status it is.
         let hook_client = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client with default settings always builds");
         Ok(Services {

@@ -80,6 +80,16 @@ async fn a_hook_that_is_down_slow_or_garbled_is_502() {
         (502, Some("login_hook_unavailable"))
     );
 
+    // A redirect is not a verdict, even towards a hook that would allow the login.
+    let redirecting = with_hook("redirect", "2s").await;
+    let (status, body) = redirecting
+        .login_raw(serde_json::json!({"code": "jon"}))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("login_hook_unavailable"))
+    );
+
     // A hook that holds its answer until the test lets it go: the login gives up at the hook's
     // timeout, having reached it.
     let slow = with_hook("held", "200ms").await;

@@ -259,10 +259,17 @@ async fn hook_answer(verdict: &str, request: Request<Incoming>) -> Response<Upst
             .to_string(),
         ),
         "deny" => (403, "{}".to_string()),
+        // Sends the login, method and body kept (307), to the hook that would allow it.
+        "redirect" => (307, String::new()),
         _ => (200, "<html>oops</html>".to_string()),
     };
     let mut response = Response::new(Full::new(Bytes::from(answer)).boxed());
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    if verdict == "redirect" {
+        response
+            .headers_mut()
+            .insert("location", http::HeaderValue::from_static("/hook/allow"));
+    }
     response
 }
 
