@@ -14,9 +14,14 @@ use moka::sync::Cache;
 
 use crate::token::{Claims, unix_now};
 
-/// Verified tokens kept at once; past it the least used are dropped and verified again when
-/// they come back.
-const CAPACITY: u64 = 100_000;
+/// What the cache may hold, in bytes; past it the least used tokens are dropped and verified
+/// again when they come back. At a few hundred bytes a token, that is some 40,000 tokens in
+/// use at once.
+const CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// An entry's bookkeeping beyond its token: the claims (never longer than the token that
+/// carries them, which is counted twice for them) and the cache's own.
+const ENTRY_OVERHEAD: usize = 160;
 
 pub struct VerifiedTokens {
     cache: Cache<String, Arc<Claims>>,
@@ -27,7 +32,10 @@ impl VerifiedTokens {
     pub fn new(leeway: Duration) -> VerifiedTokens {
         VerifiedTokens {
             cache: Cache::builder()
-                .max_capacity(CAPACITY)
+                .max_capacity(CAPACITY_BYTES)
+                .weigher(|token: &String, _: &Arc<Claims>| {
+                    u32::try_from(token.len() * 2 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                })
                 .expire_after(UntilExpiry { leeway })
                 .build(),
         }
