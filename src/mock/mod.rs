@@ -6,6 +6,7 @@ pub mod wechat;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -15,6 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// Serves `listener` forever, one task per connection. The stand-ins need none of the
 /// gateway's connection handling (limits, draining): they end when their task is dropped.
 pub async fn serve<H, F>(listener: TcpListener, handler: H)
@@ -23,8 +26,15 @@ where
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Most often out of file descriptors: waiting lets connections close, where
+                // retrying at once would spin.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         let handler = handler.clone();
         tokio::spawn(async move {
