@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::config::Secret;
-use crate::wechat::crypto::encrypt_open_data;
+use crate::wechat::crypto::{encrypt_open_data, sign_raw_data};
 
 /// How long the `slow` code makes the mock wait: longer than any sane client timeout.
 const SLOW_ANSWER: Duration = Duration::from_secs(30);
@@ -211,6 +211,7 @@ impl MockWechat {
                 self.phone_number(&query, request).await
             }
             (&Method::POST, "/mock/encrypt") => self.encrypt(request).await,
+            (&Method::POST, "/mock/sign") => self.sign(request).await,
             (&Method::POST, "/mock/expire_token") => self.expire_token(request).await,
             (_, "/sns/jscode2session") => {
                 self.code2session_calls.fetch_add(1, Ordering::SeqCst);
@@ -221,6 +222,7 @@ impl MockWechat {
                 "/cgi-bin/stable_token"
                 | "/wxa/business/getuserphonenumber"
                 | "/mock/encrypt"
+                | "/mock/sign"
                 | "/mock/expire_token",
             ) => text(StatusCode::OK, &errcode(43002, "require POST method")),
             // WeChat's answer to a path it does not serve: a misconfigured host shows up as
@@ -410,21 +412,14 @@ impl MockWechat {
                 &errcode(47001, "body must be {appid, openid, data: {...}}"),
             );
         };
-        let user = match self.lock().users.get(&request.openid) {
-            Some((appid, user)) if *appid == request.appid => user.clone(),
-            _ => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &errcode(40003, "unknown openid for this appid: log it in first"),
-                );
-            }
+        let Some(session_key) = self.users_session_key(&request.appid, &request.openid) else {
+            return unknown_user();
         };
         let mut data = request.data;
         data.insert(
             "watermark".into(),
             json!({ "appid": request.appid, "timestamp": crate::token::unix_now() }),
         );
-        let session_key = self.current_session_key(&request.appid, &user);
         let plaintext = Value::Object(data).to_string();
         match encrypt_open_data(&session_key, plaintext.as_bytes()) {
             Ok((encrypted_data, iv)) => text(
@@ -436,6 +431,41 @@ impl MockWechat {
                 &errcode(-1, "pinned session_key is not 16 bytes of base64"),
             ),
         }
+    }
+
+    /// `rawData`'s signature as WeChat gives it with user info: what a front end sends at login
+    /// beside the data, for testing the check without a phone.
+    async fn sign(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        #[derive(Deserialize)]
+        struct SignRequest {
+            appid: String,
+            openid: String,
+            #[serde(rename = "rawData")]
+            raw_data: String,
+        }
+        let Some(request) = read_json::<SignRequest>(request).await else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &errcode(47001, "body must be {appid, openid, rawData}"),
+            );
+        };
+        let Some(session_key) = self.users_session_key(&request.appid, &request.openid) else {
+            return unknown_user();
+        };
+        let signature = sign_raw_data(&request.raw_data, &session_key);
+        text(
+            StatusCode::OK,
+            &json!({ "signature": signature }).to_string(),
+        )
+    }
+
+    /// The session_key of a user the mock has seen log in to `appid`.
+    fn users_session_key(&self, appid: &str, openid: &str) -> Option<Secret> {
+        let user = match self.lock().users.get(openid) {
+            Some((known_appid, user)) if known_appid == appid => user.clone(),
+            _ => return None,
+        };
+        Some(self.current_session_key(appid, &user))
     }
 
     async fn expire_token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -477,6 +507,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -
     serde_json::from_slice(&body.to_bytes()).ok()
 }
 
+/// The answer to `/mock/encrypt` or `/mock/sign` for an openid that never logged in.
+fn unknown_user() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::BAD_REQUEST,
+        &errcode(40003, "unknown openid for this appid: log it in first"),
+    )
+}
+
 /// The user a code stands for: the code less a trailing `-<digits>`, so that `alice`,
 /// `alice-2` and `alice-3` are one user logging in three times.
 fn user_of(code: &str) -> &str {
@@ -509,7 +547,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wechat::crypto::decrypt_open_data;
+    use crate::wechat::crypto::{decrypt_open_data, signature_matches};
 
     const APPID: &str = "wx00000000000000a1";
     const OTHER_APPID: &str = "wx00000000000000b2";
@@ -871,6 +909,35 @@ mod tests {
         }
         wechat.mock.release_stable_tokens();
         assert!(held.await["access_token"].is_string());
+    }
+
+    #[tokio::test]
+    async fn raw_data_is_signed_with_the_users_session_key() {
+        let wechat = start().await;
+        let user = wechat.login(APPID, "hal").await;
+        let raw_data = r#"{"nickName":"Hal"}"#;
+        let signed = wechat
+            .post(
+                "/mock/sign",
+                json!({"appid": APPID, "openid": user["openid"], "rawData": raw_data}),
+            )
+            .await;
+        let session_key = Secret::new(user["session_key"].as_str().unwrap());
+        let signature = signed["signature"].as_str().unwrap();
+        assert!(signature_matches(raw_data, &session_key, signature));
+        assert!(!signature_matches(
+            r#"{"nickName":"Mal"}"#,
+            &session_key,
+            signature
+        ));
+
+        let unknown = wechat
+            .send(wechat.http.post(format!("{}/mock/sign", wechat.base)).body(
+                json!({"appid": APPID, "openid": "o-nobody", "rawData": raw_data}).to_string(),
+            ))
+            .await;
+        assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+        assert_eq!(unknown.json()["errcode"], 40003);
     }
 
     #[tokio::test]

@@ -105,14 +105,18 @@ pub fn encrypt_open_data(
     Ok((STANDARD.encode(sealed), STANDARD.encode(iv)))
 }
 
-/// `signature == hex(sha1(rawData + session_key))`, compared in constant time so that timing
-/// tells nothing about how much of a forged signature was right.
-pub fn signature_matches(raw_data: &str, session_key: &Secret, signature: &str) -> bool {
+/// `rawData`'s signature as WeChat computes it: hex(sha1(rawData + session_key)).
+pub fn sign_raw_data(raw_data: &str, session_key: &Secret) -> String {
     let mut hasher = Sha1::new();
     hasher.update(raw_data.as_bytes());
     hasher.update(session_key.expose().as_bytes());
-    let expected = hex::encode(hasher.finalize());
-    expected
+    hex::encode(hasher.finalize())
+}
+
+/// `signature == hex(sha1(rawData + session_key))`, compared in constant time so that timing
+/// tells nothing about how much of a forged signature was right.
+pub fn signature_matches(raw_data: &str, session_key: &Secret, signature: &str) -> bool {
+    sign_raw_data(raw_data, session_key)
         .as_bytes()
         .ct_eq(signature.to_ascii_lowercase().as_bytes())
         .into()
