@@ -164,17 +164,7 @@ async fn post_to(
     token: Option<&str>,
     body: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let mut request = http_client()
-        .post(gw.url(path))
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_default())
+    common::post_json(&http_client(), gw.url(path), token, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -416,21 +416,7 @@ impl Harness {
         token: Option<&str>,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let mut request = self
-            .client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
+        post_json(&self.client, self.url(path), token, body).await
     }
 
     /// GET `path` with extra headers: (status, JSON body or null).
@@ -546,6 +532,29 @@ pub async fn websocket(
 }
 
 /// A plain HTTP client for talking to the servers under test.
+/// POSTs a JSON `body` to `url`, with a bearer `token` when given: (status, JSON body or null).
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: String,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 pub fn http_client() -> reqwest::Client {
     // reqwest is built without a bundled TLS crypto provider (see wechat/mod.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
