@@ -46,6 +46,19 @@ impl Process {
         process
     }
 
+    /// Waits for the process to say it stopped, then for it to exit 0.
+    async fn stops_cleanly(mut self) {
+        self.wait_for("wxgate stopped").await;
+        let exit = tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            drop(self);
+            status
+        })
+        .await
+        .unwrap();
+        assert!(exit.success(), "wxgate exited with {exit}");
+    }
+
     /// Starts the process without waiting for it to listen.
     fn spawn(config_text: &str) -> Process {
         Process::spawn_logging(config_text, "info")
@@ -373,15 +386,7 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
 
-    gw.wait_for("wxgate stopped").await;
-    let exit = tokio::task::spawn_blocking(move || {
-        let status = gw.child.wait().unwrap();
-        drop(gw);
-        status
-    })
-    .await
-    .unwrap();
-    assert!(exit.success(), "wxgate exited with {exit}");
+    gw.stops_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,15 +560,7 @@ async fn sigterm_lets_an_upgraded_connection_run_within_the_grace_period() {
 
     // The client leaves: nothing is left to drain.
     drop(stream);
-    gw.wait_for("wxgate stopped").await;
-    let exit = tokio::task::spawn_blocking(move || {
-        let status = gw.child.wait().unwrap();
-        drop(gw);
-        status
-    })
-    .await
-    .unwrap();
-    assert!(exit.success(), "wxgate exited with {exit}");
+    gw.stops_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
