@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML file → raw structs → validated, typed [`config::Config`].
 //! - [`error`]: every error, and the one mapping to a status and a JSON body.
 //! - [`state`]: the shared state, one `Arc` swapped whole on reload.
-//! - [`server`]: listeners, the accept loop, graceful shutdown; `run` is the seam tests use.
+//! - [`server`]: listeners, the accept loop, connection limits and idle connections shedding
+//!   their buffers, graceful shutdown; `run` is the seam tests use.
 //! - [`routes`]: the route table, matching, and the path checks.
 //! - [`auth`]: the gateway's own `/auth/*` endpoints and the bearer-token decision for routes.
 //! - [`identity`]: protected header families: strip what the client sent, inject the identity.
