@@ -695,20 +695,9 @@ impl HeldWechat {
             released: tokio::sync::watch::Sender::new(false),
         });
         let serving = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = serving.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| held_answer(request, shared.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        tokio::spawn(wxgate::mock::serve(listener, move |request| {
+            held_answer(request, serving.clone())
+        }));
         HeldWechat { addr, shared }
     }
 
@@ -739,10 +728,7 @@ impl HeldWechat {
     }
 }
 
-async fn held_answer(
-    request: Request<Incoming>,
-    shared: Arc<HeldShared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn held_answer(request: Request<Incoming>, shared: Arc<HeldShared>) -> Response<Full<Bytes>> {
     let params: std::collections::HashMap<String, String> =
         form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
             .into_owned()
@@ -769,7 +755,7 @@ async fn held_answer(
     } else {
         serde_json::json!({"errcode": 40163, "errmsg": "code been used"})
     };
-    Ok(Response::new(Full::new(Bytes::from(answer.to_string()))))
+    Response::new(Full::new(Bytes::from(answer.to_string())))
 }
 
 /// A `redis-server` of the test's own, on a free port, without persistence; killed when
