@@ -355,8 +355,9 @@ async fn serve_http1<H, F>(
             service: returned,
             ..
         } = parts;
-        // What hyper had read but not used shares its read buffer; a shed connection read
-        // nothing since its last answer.
+        // What hyper had read but not used: nothing, for a shed connection, which read nothing
+        // since its last answer. Even empty it holds on to hyper's whole read buffer, so it
+        // goes before the wait.
         if !read_buf.is_empty() {
             return;
         }
