@@ -6,7 +6,6 @@ pub mod wechat;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -15,8 +14,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Serves `listener` forever, one task per connection. The stand-ins need none of the
 /// gateway's connection handling (limits, draining): they end when their task is dropped.
@@ -29,10 +26,8 @@ where
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
-                // Most often out of file descriptors: waiting lets connections close, where
-                // retrying at once would spin.
                 tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                tokio::time::sleep(crate::server::ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };

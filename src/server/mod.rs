@@ -44,7 +44,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Pause after a failed `accept` (most often out of file descriptors), so the loop does not
 /// spin while the condition lasts.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The status logged and counted for a request whose client went away before its answer
 /// (nginx's "client closed request").
