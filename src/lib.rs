@@ -32,6 +32,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod token;
+pub mod upstream;
 pub mod wechat;
 
 pub use config::Config;

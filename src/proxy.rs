@@ -1,9 +1,8 @@
 //! Forwarding to the upstream: hop-by-hop and forwarded headers, identity (through
-//! [`crate::identity`]), the pooled keep-alive client, the streamed body cap, the connect and
-//! response timeouts, and upgrades (SPEC §5).
+//! [`crate::identity`]), the streamed body cap, the response timeout, and upgrades (SPEC §5).
+//! The connections themselves are [`crate::upstream`]'s.
 
 use std::error::Error as StdError;
-use std::io::Write;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -13,9 +12,7 @@ use http_body::Body;
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tracing::Instrument;
 
@@ -36,7 +33,7 @@ const HTTP: HeaderValue = HeaderValue::from_static("http");
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`,
 /// and `HTTP2-Settings`, which belongs to an `h2c` upgrade): they describe one connection and
 /// are never forwarded.
-const HOP_BY_HOP: [HeaderName; 10] = [
+static HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -48,43 +45,6 @@ const HOP_BY_HOP: [HeaderName; 10] = [
     http::header::UPGRADE,
     HeaderName::from_static("http2-settings"),
 ];
-
-/// Idle connections kept per upstream. A burst of many concurrent clients opens as many
-/// upstream connections; past the burst, keeping them all would hold their buffers for
-/// nothing (nginx's `keepalive` directive makes the same trade).
-const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
-
-/// How long an idle upstream connection is kept for reuse.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// How long connecting to an upstream may take. A loopback or in-cluster upstream connects in
-/// well under a millisecond; one that drops the connection attempt (a host that is gone, a
-/// firewall) is reported as unavailable after this, rather than as slow after the route's
-/// whole `timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A request body, cut off with an error past `server.max_body_bytes`. Ending the stream with
-/// an error (not a clean end) makes the client abort the upstream request, so the upstream
-/// never sees a truncated body as a complete one.
-pub type UpstreamBody = Limited<Incoming>;
-
-/// The pooled keep-alive client to every upstream. Long-lived: kept across reloads.
-pub struct UpstreamClient {
-    client: Client<HttpConnector, UpstreamBody>,
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
-            .build(connector);
-        UpstreamClient { client }
-    }
-}
 
 /// Sends the request on to the route's upstream and returns its response with the body still
 /// streaming. `identity` is the verified token of this request, if any.
@@ -121,7 +81,7 @@ pub async fn forward(
     if let Some(claims) = identity {
         state.identity.inject(headers, claims);
     }
-    set_forwarded(state, headers, client.peer.ip(), host.as_ref());
+    set_forwarded(state, headers, client, host.as_ref());
     headers.insert(X_REQUEST_ID, request_id.clone());
     if let Some(host) = host {
         headers.insert(HOST, host);
@@ -136,11 +96,11 @@ pub async fn forward(
 
     let limit = usize::try_from(state.config.server.max_body_bytes).unwrap_or(usize::MAX);
     let body = Limited::new(body, limit);
-    let sent = state
-        .services
-        .upstream
-        .client
-        .request(Request::from_parts(parts, body));
+    let sent = state.services.upstream.send(
+        route.upstream_authority(),
+        client.upstream.as_deref(),
+        Request::from_parts(parts, body),
+    );
     let started = std::time::Instant::now();
     let answered = tokio::time::timeout(route.timeout(), sent).await;
     let metrics = &state.services.metrics;
@@ -152,7 +112,7 @@ pub async fn forward(
         .observe(started.elapsed().as_secs_f64());
     let mut response = match answered {
         Err(_) => return Err(Error::UpstreamTimeout),
-        Ok(Err(err)) if caused_by_body_cap(&err) => return Err(Error::PayloadTooLarge),
+        Ok(Err(err)) if caused_by_body_cap(&*err) => return Err(Error::PayloadTooLarge),
         Ok(Err(err)) => {
             tracing::warn!(route = %route.config.path, error = %err, "upstream request failed");
             return Err(Error::UpstreamUnavailable);
@@ -283,25 +243,32 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// A peer in `trusted_proxies` is believed about the client before it: its `X-Forwarded-For`
 /// gets the peer appended, its `-Proto` and `-Host` are kept. Anyone else's are replaced with
 /// what the gateway saw itself.
-fn set_forwarded(state: &State, headers: &mut HeaderMap, peer: IpAddr, host: Option<&HeaderValue>) {
-    let trusted = is_trusted(&state.config.server.trusted_proxies, peer);
+fn set_forwarded(
+    state: &State,
+    headers: &mut HeaderMap,
+    client: &ClientConnection,
+    host: Option<&HeaderValue>,
+) {
+    if !is_trusted(&state.config.server.trusted_proxies, client.peer.ip()) {
+        headers.insert(X_FORWARDED_FOR, client.peer_ip.clone());
+        headers.remove(FORWARDED);
+        headers.insert(X_FORWARDED_PROTO, HTTP);
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+        return;
+    }
     // Every line the proxy sent, in order: a chain split over several lines is still one
     // chain (RFC 9110 §5.3), and `client_ip` reads it the same way.
     let mut chain = Vec::new();
-    if trusted {
-        for line in headers.get_all(X_FORWARDED_FOR) {
-            chain.extend_from_slice(line.as_bytes());
-            chain.extend_from_slice(b", ");
-        }
+    for line in headers.get_all(X_FORWARDED_FOR) {
+        chain.extend_from_slice(line.as_bytes());
+        chain.extend_from_slice(b", ");
     }
-    let _ = write!(chain, "{peer}");
+    chain.extend_from_slice(client.peer_ip.as_bytes());
     if let Ok(value) = HeaderValue::from_bytes(&chain) {
         headers.insert(X_FORWARDED_FOR, value);
-    }
-    if !trusted {
-        headers.remove(FORWARDED);
-        headers.remove(X_FORWARDED_PROTO);
-        headers.remove(X_FORWARDED_HOST);
     }
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HTTP);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Uri};
 
 use crate::config::{AuthMode, RouteConfig};
@@ -76,7 +76,6 @@ pub struct Route {
     pub label: RouteLabel,
     /// `config.path` without its trailing `/`.
     prefix: String,
-    scheme: Scheme,
     authority: Authority,
     /// The upstream URL's own path, without a trailing `/`, put before every forwarded path.
     base_path: String,
@@ -94,7 +93,6 @@ impl Route {
         Route {
             label: Arc::new(config.path.clone()),
             prefix,
-            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
             authority: parts
                 .authority
                 .expect("validated upstream URLs have an authority"),
@@ -125,8 +123,13 @@ impl Route {
         }
     }
 
-    /// The URI the upstream is asked for: its base path, then the request path (less the route
-    /// prefix with `strip_prefix`), then the query unchanged.
+    /// Where the upstream listens (validated `http`: the scheme says nothing more).
+    pub fn upstream_authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The request target the upstream is asked for, in origin form: its base path, then the
+    /// request path (less the route prefix with `strip_prefix`), then the query unchanged.
     pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Error> {
         let path = uri.path();
         let path = if self.config.strip_prefix {
@@ -144,11 +147,8 @@ impl Route {
             target.push('?');
             target.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
+        PathAndQuery::try_from(target)
+            .map(Uri::from)
             .map_err(|_| Error::BadPath)
     }
 }
@@ -271,12 +271,9 @@ mod tests {
         let uri: Uri = "/api/public/x/y?a=1&b=%20".parse().unwrap();
         assert_eq!(
             route.upstream_uri(&uri).unwrap().to_string(),
-            "http://127.0.0.1:3000/x/y?a=1&b=%20"
+            "/x/y?a=1&b=%20"
         );
         let uri: Uri = "/api/public".parse().unwrap();
-        assert_eq!(
-            route.upstream_uri(&uri).unwrap().to_string(),
-            "http://127.0.0.1:3000/"
-        );
+        assert_eq!(route.upstream_uri(&uri).unwrap().to_string(), "/");
     }
 }

@@ -11,10 +11,10 @@ use crate::auth::{Exchanges, LoginLimiter, VerifiedTokens};
 use crate::config::{Config, ConfigError, Problem, StoreConfig};
 use crate::identity::IdentityRules;
 use crate::metrics::Metrics;
-use crate::proxy::UpstreamClient;
 use crate::routes::RouteTable;
 use crate::store::{self, Revocations, Store};
 use crate::token::TokenKeys;
+use crate::upstream::UpstreamClient;
 use crate::wechat::WechatClient;
 
 /// What every request reaches through one atomic load.

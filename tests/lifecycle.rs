@@ -653,6 +653,33 @@ async fn an_idle_keep_alive_connection_sheds_its_buffers_and_serves_its_next_req
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_leaves_its_upstream_connection_to_the_next_client() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start_logging(
+        &config(mock, upstream.addr, ""),
+        "info,wxgate::server=debug",
+    )
+    .await;
+    let mut first = TcpStream::connect(&gw.addr).await.unwrap();
+    first
+        .write_all(b"GET /api/public/first HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut first).await.0, 200);
+    gw.wait_for("idle keep-alive connection shed its buffers")
+        .await;
+    // The first client is still connected, idle; the second is served on the upstream
+    // connection the first was using.
+    let mut second = TcpStream::connect(&gw.addr).await.unwrap();
+    second
+        .write_all(b"GET /api/public/second HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut second).await.0, 200);
+    assert_eq!(upstream.connections_accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_idle_past_the_shedding_point_keeps_working() {
     let (mock, upstream) = world().await;
     let gw = Process::start(&config(mock, upstream.addr, "")).await;

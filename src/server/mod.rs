@@ -31,6 +31,7 @@ use crate::metrics::{self, Metrics, RouteLabel, RouteStatus};
 use crate::proxy::{self, X_REQUEST_ID};
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
+use crate::upstream::Affinity;
 
 mod shedding;
 
@@ -103,6 +104,11 @@ enum Phase {
 #[derive(Clone)]
 pub struct ClientConnection {
     pub peer: SocketAddr,
+    /// The peer's address as a header value, written once for all the connection's requests.
+    pub peer_ip: HeaderValue,
+    /// The upstream connection an HTTP/1 client keeps while it is active; `None` for HTTP/2,
+    /// whose requests run side by side and take from the shared pool.
+    pub upstream: Option<Arc<Affinity>>,
     slot: Arc<Slot>,
 }
 
@@ -190,6 +196,9 @@ async fn serve_connections<H, F>(
         let _ = stream.set_nodelay(true);
         let client = ClientConnection {
             peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            upstream: None,
             slot: Arc::new(Slot {
                 _permit: permit,
                 phase: phase_seen.clone(),
@@ -264,11 +273,15 @@ async fn serve_connection<H, F>(
         Protocol::Http2 => {
             let streams = Arc::new(Streams::new());
             let counted = streams.clone();
+            let handler = Arc::new(handler);
             let service = service_fn(move |request| {
                 let stream = counted.open();
-                let answer = handler(request, client.clone());
+                let (handler, client) = (handler.clone(), client.clone());
+                // The request's future is made inside the block, not before it: a block that
+                // awaits a future it captured holds room for it twice (rust-lang/rust#62958),
+                // and hyper moves the whole block into place for every request.
                 async move {
-                    let response = answer.await;
+                    let response = handler(request, client).await;
                     Ok::<_, Infallible>(response.map(|body| GuardedBody {
                         inner: body,
                         _guard: stream,
@@ -296,7 +309,7 @@ async fn serve_connection<H, F>(
 async fn serve_http1<H, F>(
     mut stream: TcpStream,
     first_bytes: Vec<u8>,
-    client: ClientConnection,
+    mut client: ClientConnection,
     handler: H,
     protocols: &Protocols,
     mut phase: watch::Receiver<Phase>,
@@ -305,14 +318,17 @@ async fn serve_http1<H, F>(
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let peer = client.peer;
+    let upstream = Arc::new(Affinity::default());
+    client.upstream = Some(upstream.clone());
     let activity = Arc::new(Activity::default());
     let counted = activity.clone();
+    let handler = Arc::new(handler);
     let mut service = service_fn(move |request| {
         let in_flight = counted.begin();
-        let answer = handler(request, client.clone());
-        let activity = counted.clone();
+        let (handler, client, activity) = (handler.clone(), client.clone(), counted.clone());
+        // Made inside the block for the reason given for HTTP/2 above.
         async move {
-            let response = answer.await;
+            let response = handler(request, client).await;
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 activity.upgraded();
             }
@@ -365,6 +381,8 @@ async fn serve_http1<H, F>(
         let Some(shed) = io.into_inner().into_shed_stream() else {
             return;
         };
+        // An idle client has no use for an upstream connection; another client may.
+        upstream.release();
         tracing::debug!(%peer, "idle keep-alive connection shed its buffers");
         stream = shed;
         replay = Vec::new();

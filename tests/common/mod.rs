@@ -46,7 +46,7 @@ pub enum BodySeen {
 /// The upstream behind the gateway. Paths pick its behaviour: `/status/503…` answers 503,
 /// `/hook/<verdict>` plays a login hook (`/hook/held` one that answers only once the test
 /// releases it), `/…/slow` never answers in time, `/…/held` answers once the test releases it,
-/// `/…/ws` accepts an upgrade and echoes bytes, `/…/bytes/N` answers N bytes, `/…/echo-body`
+/// `/…/ws` accepts an upgrade and echoes bytes, `/…/close` answers and closes its connection, `/…/bytes/N` answers N bytes, `/…/echo-body`
 /// answers the request body, `/…/sink` reads the body and records what it saw; anything else
 /// answers the request line and headers as JSON.
 pub struct Upstream {
@@ -60,6 +60,7 @@ struct UpstreamShared {
     bodies: Mutex<VecDeque<BodySeen>>,
     bodies_seen: AtomicUsize,
     requests_seen: AtomicUsize,
+    connections_accepted: AtomicUsize,
     body_seen: Notify,
     held_arrived: Notify,
     release_held: Notify,
@@ -76,6 +77,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                serving.connections_accepted.fetch_add(1, Ordering::SeqCst);
                 let shared = serving.clone();
                 tokio::spawn(async move {
                     let service =
@@ -111,6 +113,11 @@ impl Upstream {
     /// How many requests have reached the upstream so far.
     pub fn requests_seen(&self) -> usize {
         self.shared.requests_seen.load(Ordering::SeqCst)
+    }
+
+    /// How many connections the upstream has accepted so far.
+    pub fn connections_accepted(&self) -> usize {
+        self.shared.connections_accepted.load(Ordering::SeqCst)
     }
 
     /// Waits until a `/…/held` request has arrived.
@@ -164,6 +171,13 @@ async fn upstream_answer(
         response
             .headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
+        return Ok(response);
+    }
+    if path.ends_with("/close") {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"closing")).boxed());
+        response
+            .headers_mut()
+            .insert("connection", "close".parse().unwrap());
         return Ok(response);
     }
     if path.starts_with("/status/503") {
