@@ -3,6 +3,8 @@
 //! case-insensitively with `_` read as `-`, because many upstream stacks (CGI, WSGI, PHP) fold
 //! `X_WX_OPENID` and `X-WX-OpenID` into the same variable.
 
+use std::ops::Deref;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::IdentityConfig;
@@ -68,40 +70,62 @@ impl IdentityRules {
         }
     }
 
-    /// Sets the identity headers from verified claims. Call after [`Self::strip`].
-    pub fn inject(&self, headers: &mut HeaderMap, claims: &Claims) {
-        set(headers, &self.openid, &claims.sub);
-        set(headers, &self.appid, &claims.appid);
+    /// Verified claims with the identity headers they make under these rules.
+    pub fn identity(&self, claims: Claims) -> Identity {
+        let mut headers = Vec::with_capacity(3 + self.claim_headers.len());
+        let mut set = |name: &HeaderName, value: &str| match HeaderValue::from_str(value) {
+            Ok(value) => headers.push((name.clone(), value)),
+            // A value that cannot be a header value (a control character in a claim) is left
+            // out rather than sent mangled: the upstream then sees no header, never a wrong one.
+            Err(_) => {
+                tracing::warn!(header = %name, "identity value is not a valid header value; left out")
+            }
+        };
+        set(&self.openid, &claims.sub);
+        set(&self.appid, &claims.appid);
         if let Some(unionid) = &claims.unionid {
-            set(headers, &self.unionid, unionid);
+            set(&self.unionid, unionid);
         }
         for (claim, header) in &self.claim_headers {
             match claims.extra.get(claim) {
-                Some(serde_json::Value::String(text)) => set(headers, header, text),
+                Some(serde_json::Value::String(text)) => set(header, text),
                 Some(serde_json::Value::Null) | None => {}
-                Some(other) => set(headers, header, &other.to_string()),
+                Some(other) => set(header, &other.to_string()),
             }
+        }
+        Identity { claims, headers }
+    }
+}
+
+/// A verified token's claims, with its identity headers made once, when the token is verified,
+/// rather than on each of its requests.
+pub struct Identity {
+    claims: Claims,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Identity {
+    /// Sets the identity headers. Call after [`IdentityRules::strip`].
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
         }
     }
 
     /// The identity as response headers, for forward-auth answers.
-    pub fn headers_for(&self, claims: &Claims) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        self.inject(&mut headers, claims);
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        self.inject(&mut headers);
         headers
     }
 }
 
-/// A value that cannot be a header value (a control character in a claim) is left out rather
-/// than sent mangled: the upstream then sees no header, never a wrong one.
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(value) => {
-            headers.insert(name.clone(), value);
-        }
-        Err(_) => {
-            tracing::warn!(header = %name, "identity value is not a valid header value; left out")
-        }
+/// An identity is its claims; the headers are only a way of sending them.
+impl Deref for Identity {
+    type Target = Claims;
+
+    fn deref(&self) -> &Claims {
+        &self.claims
     }
 }
 
@@ -183,7 +207,7 @@ mod tests {
             exp: 0,
             extra,
         };
-        let headers = rules.headers_for(&claims);
+        let headers = rules.identity(claims).headers();
         assert_eq!(headers["x-wx-openid"], "o-alice");
         assert_eq!(headers["x-wx-appid"], "wx1");
         assert_eq!(headers["x-user-id"], "42");

@@ -27,9 +27,9 @@ use serde::de::DeserializeOwned;
 
 use crate::config::AuthMode;
 use crate::error::Error;
+use crate::identity::Identity;
 use crate::routes::Route;
 use crate::state::State;
-use crate::token::Claims;
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
@@ -88,7 +88,7 @@ pub fn authorize(
     state: &State,
     route: &Route,
     headers: &HeaderMap,
-) -> Result<Option<Arc<Claims>>, Error> {
+) -> Result<Option<Arc<Identity>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
         AuthMode::Optional => match bearer_token(headers)? {
@@ -104,12 +104,12 @@ pub fn authorize(
 }
 
 /// The verified claims of the request's bearer token, or why there are none.
-pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Claims>, Error> {
+pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Identity>, Error> {
     let token = bearer_token(headers)?.ok_or(Error::MissingToken)?;
     verify_token(state, token)
 }
 
-fn verify_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
+fn verify_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
     let verified = check_token(state, token);
     let result = match &verified {
         Ok(_) => "ok",
@@ -124,13 +124,13 @@ fn verify_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
     verified
 }
 
-fn check_token(state: &State, token: &str) -> Result<Arc<Claims>, Error> {
+fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
     let claims = match state.verified_tokens.get(token) {
-        Some(claims) => claims,
+        Some(identity) => identity,
         None => {
-            let claims = Arc::new(state.keys.verify(token)?);
-            state.verified_tokens.insert(token, claims.clone());
-            claims
+            let identity = Arc::new(state.identity.identity(state.keys.verify(token)?));
+            state.verified_tokens.insert(token, identity.clone());
+            identity
         }
     };
     if state.services.revocations.is_revoked(&claims.sid) {

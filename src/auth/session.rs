@@ -40,6 +40,6 @@ pub fn me(state: &State, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, E
 pub fn verify(state: &State, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, headers)?;
     let mut response = Response::new(Full::new(Bytes::new()));
-    *response.headers_mut() = state.identity.headers_for(&claims);
+    *response.headers_mut() = claims.headers();
     Ok(response)
 }

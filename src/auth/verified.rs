@@ -13,19 +13,20 @@ use foldhash::fast::RandomState;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use crate::token::{Claims, unix_now};
+use crate::identity::Identity;
+use crate::token::unix_now;
 
 /// What the cache may hold, in bytes; past it the least used tokens are dropped and verified
 /// again when they come back. At a few hundred bytes a token, that is some 40,000 tokens in
 /// use at once.
 const CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// An entry's bookkeeping beyond its token: the claims (never longer than the token that
-/// carries them, which is counted twice for them) and the cache's own.
+/// An entry's bookkeeping beyond its token, the claims and their header values (neither longer
+/// than the token that carries them, which is counted three times for them): the cache's own.
 const ENTRY_OVERHEAD: usize = 160;
 
 pub struct VerifiedTokens {
-    cache: Cache<String, Arc<Claims>, RandomState>,
+    cache: Cache<String, Arc<Identity>, RandomState>,
 }
 
 impl VerifiedTokens {
@@ -34,8 +35,8 @@ impl VerifiedTokens {
         VerifiedTokens {
             cache: Cache::builder()
                 .max_capacity(CAPACITY_BYTES)
-                .weigher(|token: &String, _: &Arc<Claims>| {
-                    u32::try_from(token.len() * 2 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                .weigher(|token: &String, _: &Arc<Identity>| {
+                    u32::try_from(token.len() * 3 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .expire_after(UntilExpiry { leeway })
                 // Hashing the token is most of a lookup, and SipHash, the default, takes
@@ -45,12 +46,12 @@ impl VerifiedTokens {
         }
     }
 
-    pub fn get(&self, token: &str) -> Option<Arc<Claims>> {
+    pub fn get(&self, token: &str) -> Option<Arc<Identity>> {
         self.cache.get(token)
     }
 
-    pub fn insert(&self, token: &str, claims: Arc<Claims>) {
-        self.cache.insert(token.to_string(), claims);
+    pub fn insert(&self, token: &str, identity: Arc<Identity>) {
+        self.cache.insert(token.to_string(), identity);
     }
 }
 
@@ -59,11 +60,11 @@ struct UntilExpiry {
     leeway: Duration,
 }
 
-impl Expiry<String, Arc<Claims>> for UntilExpiry {
+impl Expiry<String, Arc<Identity>> for UntilExpiry {
     fn expire_after_create(
         &self,
         _token: &String,
-        claims: &Arc<Claims>,
+        claims: &Arc<Identity>,
         _created_at: Instant,
     ) -> Option<Duration> {
         let valid_until = claims.exp + self.leeway.as_secs();
@@ -73,10 +74,23 @@ impl Expiry<String, Arc<Claims>> for UntilExpiry {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use http::HeaderName;
 
-    fn claims(exp: u64) -> Arc<Claims> {
-        Arc::new(Claims {
+    use super::*;
+    use crate::config::IdentityConfig;
+    use crate::identity::IdentityRules;
+    use crate::token::Claims;
+
+    fn claims(exp: u64) -> Arc<Identity> {
+        let rules = IdentityRules::new(&IdentityConfig {
+            openid_header: HeaderName::from_static("x-wx-openid"),
+            unionid_header: HeaderName::from_static("x-wx-unionid"),
+            appid_header: HeaderName::from_static("x-wx-appid"),
+            protected_prefixes: vec!["x-wx-".into()],
+            forward_authorization: false,
+            claim_headers: Vec::new(),
+        });
+        Arc::new(rules.identity(Claims {
             iss: "wxgate".into(),
             aud: "api".into(),
             sub: "o".into(),
@@ -87,7 +101,7 @@ mod tests {
             iat: 0,
             exp,
             extra: Default::default(),
-        })
+        }))
     }
 
     #[test]
