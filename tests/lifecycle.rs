@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, http_client, read_answer, websocket,
+    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, http_client, read_answer, read_answers,
+    websocket,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -644,8 +645,9 @@ async fn an_idle_keep_alive_connection_sheds_its_buffers_and_serves_its_next_req
         .write_all(b"GET /api/public/a HTTP/1.1\r\nHost: gw\r\n\r\nGET /api/public/b HTTP/1.1\r\nHost: gw\r\n\r\n")
         .await
         .unwrap();
-    let (first, first_body) = read_answer(&mut stream).await;
-    let (second, second_body) = read_answer(&mut stream).await;
+    let mut answers = read_answers(&mut stream, 2).await;
+    let (second, second_body) = answers.pop().unwrap();
+    let (first, first_body) = answers.pop().unwrap();
     assert_eq!((first, second), (200, 200));
     assert_eq!(first_body["uri"], "/api/public/a");
     assert_eq!(second_body["uri"], "/api/public/b");

@@ -482,17 +482,36 @@ impl Harness {
 /// Reads one HTTP/1.1 answer from `stream`, leaving the connection open: its status and its
 /// body as JSON (null when it is not). The answer must carry a Content-Length.
 pub async fn read_answer(stream: &mut TcpStream) -> (u16, serde_json::Value) {
-    let mut answer = Vec::new();
+    read_answers(stream, 1).await.remove(0)
+}
+
+/// Reads the answers to `count` pipelined requests, in order, as [`read_answer`] does one.
+/// They may arrive in one read, so none is read past until all are.
+pub async fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<(u16, serde_json::Value)> {
+    let mut unread = Vec::new();
+    let mut answers = Vec::new();
     let mut buffer = [0u8; 8192];
-    let head_end = loop {
-        let read = stream.read(&mut buffer).await.unwrap();
-        assert!(read > 0, "connection closed before the answer's head");
-        answer.extend_from_slice(&buffer[..read]);
-        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
+    while answers.len() < count {
+        if let Some((answer, used)) = parse_answer(&unread) {
+            answers.push(answer);
+            unread.drain(..used);
+            continue;
         }
-    };
-    let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(
+            read > 0,
+            "connection closed before answer {}",
+            answers.len() + 1
+        );
+        unread.extend_from_slice(&buffer[..read]);
+    }
+    answers
+}
+
+/// The first whole answer in `bytes`, and how many bytes it took; `None` until it has all come.
+fn parse_answer(bytes: &[u8]) -> Option<((u16, serde_json::Value), usize)> {
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]);
     let status: u16 = head[9..12].parse().unwrap();
     let length: usize = head
         .lines()
@@ -502,16 +521,9 @@ pub async fn read_answer(stream: &mut TcpStream) -> (u16, serde_json::Value) {
                 .then(|| value.trim().parse().unwrap())
         })
         .expect("answer without Content-Length");
-    while answer.len() < head_end + length {
-        let read = stream.read(&mut buffer).await.unwrap();
-        assert!(read > 0, "connection closed inside the body");
-        answer.extend_from_slice(&buffer[..read]);
-    }
-    let body = &answer[head_end..head_end + length];
-    (
-        status,
-        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
-    )
+    let body = bytes.get(head_end..head_end + length)?;
+    let json = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    Some(((status, json), head_end + length))
 }
 
 /// Sends a WebSocket handshake for `path` with extra header lines; answers the status and,
