@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request, counted by callgrind: a figure that does not move with
+the machine's load, for comparing two builds of the hot path where a few percent would be lost
+in the noise of the timed benchmark.
+
+The gateway (release build, one worker) runs under `valgrind --tool=callgrind` in front of
+nginx answering 200. After a warm-up, the counters are zeroed, oha sends `--requests` requests
+on 8 connections to the public route, then to the required route with an HS256 token, and the
+counts of each run are divided by the number of requests. `--top N` also lists the N functions
+that cost the most instructions of their own on the required route.
+
+glibc copies large blocks with `rep movsb`, which callgrind counts once per byte; the gateway
+is run with that path turned off so that a copy counts what its vector loop costs.
+
+Usage: cargo build --release && python3 bench/instructions.py [--requests N] [--top N]
+"""
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from bench import JWT_SECRET, WXGATE, Procs, free_port, login, nginx_conf, wait_port, wxgate_conf
+
+
+def self_costs(profile):
+    """Instructions each function spent itself (not in what it called), from a callgrind file
+    written with uncompressed names."""
+    costs = collections.Counter()
+    function, in_call = None, False
+    with open(profile, errors="replace") as f:
+        for line in f:
+            if line.startswith("fn="):
+                function = line[3:].strip()
+            elif line.startswith("calls="):
+                in_call = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                fields = line.split()
+                if not in_call and len(fields) >= 2 and function:
+                    costs[function] += int(fields[1])
+                in_call = False
+    return costs
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--top", type=int, default=0)
+    opts = parser.parse_args()
+    for tool in ("nginx", "oha", "valgrind", "callgrind_control"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing (valgrind: apt-get install valgrind; the rest: bench/run.sh)")
+
+    workdir = tempfile.mkdtemp(prefix="wxgate-instructions-")
+    procs = Procs(workdir)
+    try:
+        ports = {name: free_port() for name in ("upstream", "mock", "gateway")}
+        upstream = nginx_conf(workdir, "upstream", f"""
+    server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
+        procs.start("upstream", ["nginx", "-c", upstream])
+        procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"])
+        config = wxgate_conf(workdir, "gateway", ports["gateway"], ports["mock"], ports["upstream"],
+                             f'[token]\nsecret = "{JWT_SECRET}"', 'backend = "memory"')
+        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn",
+                   GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=100000000")
+        profile = os.path.join(workdir, "callgrind.out")
+        gateway = procs.start("gateway", [
+            "valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no",
+            f"--callgrind-out-file={profile}",
+            WXGATE, "--log-format", "json", "serve", "--config", config], env=env)
+        for port in ports.values():
+            wait_port(port, timeout=120)
+        token = login(ports["gateway"], "instructions")
+
+        runs = [("public", "/public/", []),
+                ("required, HS256", "/api/", ["-H", f"Authorization: Bearer {token}"])]
+        dumps = {}
+        for number, (name, path, headers) in enumerate(runs, start=1):
+            url = f"http://127.0.0.1:{ports['gateway']}{path}"
+            load = ["oha", "--no-tui", "-c", "8"] + headers
+            subprocess.run(load + ["-n", "2000", url], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "-z", str(gateway.pid)], capture_output=True, check=True)
+            subprocess.run(load + ["-n", str(opts.requests), url], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "-d", str(gateway.pid)], capture_output=True, check=True)
+            dumps[name] = f"{profile}.{number}"
+
+        print("| route | instructions per request |")
+        print("|---|---|")
+        for name, dump in dumps.items():
+            with open(dump) as f:
+                total = int(re.search(r"^summary: (\d+)", f.read(), re.M).group(1))
+            print(f"| {name} | {total / opts.requests:,.0f} |")
+        if opts.top:
+            print("\n| instructions per request | function (required route, own cost) |")
+            print("|---|---|")
+            for function, cost in self_costs(dumps["required, HS256"]).most_common(opts.top):
+                print(f"| {cost / opts.requests:,.0f} | `{function[:120]}` |")
+    finally:
+        procs.stop()
+
+
+if __name__ == "__main__":
+    main()
