@@ -248,7 +248,7 @@ def rss_with_idle_connections(port, pid, count):
     line = client.stdout.readline().strip()
     if line != "ready":
         sys.exit("the idle-connection client failed")
-    # Idle means idle: an HTTP/1 connection sheds hyper's buffers within 100 ms without a
+    # Idle means idle: an HTTP/1 connection sheds hyper's buffers after 50 ms without a
     # request (src/server/shedding.rs); a second is far past that for the last one made.
     time.sleep(1)
     rss = rss_mb([pid])

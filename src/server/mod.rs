@@ -304,9 +304,8 @@ async fn serve_connection<H, F>(
 }
 
 /// An HTTP/1 connection, one hyper connection after another on the same socket: each ends
-/// once the client has idled for [`shedding::SHED_AFTER`] (up to twice that), and the next
-/// starts when the client sends again, so that an idle client holds no buffers (see
-/// [`shedding`]).
+/// once the client has idled for [`shedding::SHED_AFTER`], and the next starts when the client
+/// sends again, so that an idle client holds no buffers (see [`shedding`]).
 async fn serve_http1<H, F>(
     mut stream: TcpStream,
     first_bytes: Vec<u8>,

@@ -23,8 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-/// How long an HTTP/1 connection idles with hyper's buffers before it sheds them, at least;
-/// at most twice this (see [`Shedding`]'s deadline). Longer than
+/// How long an HTTP/1 connection idles with hyper's buffers before it sheds them. Longer than
 /// the gap between a busy client's requests, so that those do not pay for a new hyper
 /// connection each time (a few microseconds, against the client's own pause); short, because
 /// the buffers of every connection that has not shed yet are in memory at once: a burst of
@@ -79,14 +78,10 @@ pub struct Shedding {
     replay: Vec<u8>,
     replayed: usize,
     activity: Arc<Activity>,
-    /// Polled only while idle. Not set again for every idle spell, which would cost a clock
-    /// read and a move in the timer wheel on every request: when it passes, the connection
-    /// sheds if nothing arrived since it was set, and it is set again if something did. An
-    /// idle connection therefore sheds between one and two [`SHED_AFTER`] after its last
-    /// request.
+    /// Reset whenever an idle spell starts; polled only while idle.
     idle_deadline: Pin<Box<Sleep>>,
-    /// Bytes arrived since the deadline was set.
-    arrived_since_deadline: bool,
+    /// The deadline belongs to the idle spell under way.
+    armed: bool,
     shed: bool,
 }
 
@@ -98,7 +93,7 @@ impl Shedding {
             replayed: 0,
             activity,
             idle_deadline: Box::pin(tokio::time::sleep(SHED_AFTER)),
-            arrived_since_deadline: false,
+            armed: false,
             shed: false,
         }
     }
@@ -122,29 +117,29 @@ impl AsyncRead for Shedding {
             buf.put_slice(&left[..n]);
             this.replayed += n;
             this.activity.arrived.store(true, Ordering::Relaxed);
-            this.arrived_since_deadline = true;
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 this.activity.arrived.store(true, Ordering::Relaxed);
-                this.arrived_since_deadline = true;
+                this.armed = false;
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.activity.idle() => loop {
+            Poll::Pending if this.activity.idle() => {
+                if !this.armed {
+                    this.idle_deadline
+                        .as_mut()
+                        .reset(Instant::now() + SHED_AFTER);
+                    this.armed = true;
+                }
                 if this.idle_deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                if !std::mem::take(&mut this.arrived_since_deadline) {
-                    // An empty read is end-of-file to hyper, which then ends its connection.
-                    this.shed = true;
-                    return Poll::Ready(Ok(()));
-                }
-                this.idle_deadline
-                    .as_mut()
-                    .reset(Instant::now() + SHED_AFTER);
-            },
+                // An empty read is end-of-file to hyper, which then ends its connection.
+                this.shed = true;
+                Poll::Ready(Ok(()))
+            }
             other => other,
         }
     }
