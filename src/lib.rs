@@ -10,8 +10,9 @@
 //! - [`routes`]: the route table, matching, and the path checks.
 //! - [`auth`]: the gateway's own `/auth/*` endpoints and the bearer-token decision for routes.
 //! - [`identity`]: protected header families: strip what the client sent, inject the identity.
-//! - [`proxy`]: forwarding: hop-by-hop and forwarded headers, the pooled upstream client,
-//!   body limits, timeouts.
+//! - [`proxy`]: forwarding: hop-by-hop and forwarded headers, body limits, timeouts, upgrades.
+//! - [`upstream`]: keep-alive connections to the upstreams, one per active HTTP/1 client, then
+//!   pooled.
 //! - [`metrics`]: the Prometheus metrics of SPEC §9.
 //! - [`token`]: JWT claims, keys, signing and verification. No I/O.
 //! - [`wechat`]: the WeChat client and open-data crypto.
