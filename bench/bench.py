@@ -134,6 +134,25 @@ http {{
     return path
 
 
+def start_upstream(procs, workdir, port, core=None):
+    """The upstream every proxy here forwards to: nginx answering 200 "ok"."""
+    conf = nginx_conf(workdir, "upstream", f"""
+    server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok\\n"; }} }}""")
+    return procs.start("upstream", ["nginx", "-c", conf], core=core)
+
+
+def start_nginx_proxy(procs, workdir, port, upstream_port):
+    """The baseline: nginx `proxy_pass` at its best, HTTP/1.1 and keep-alive upstream
+    connections, on the proxy core."""
+    conf = nginx_conf(workdir, "nginx", f"""
+    upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}""")
+    return procs.start("nginx", ["nginx", "-c", conf], core=PROXY_CORE)
+
+
 def wxgate_conf(workdir, name, port, mock_port, upstream_port, token_section, store):
     path = os.path.join(workdir, f"{name}.toml")
     with open(path, "w") as f:
@@ -290,16 +309,8 @@ def main():
     try:
         ports = {name: free_port() for name in
                  ("upstream", "nginx", "plain", "mock", "hs", "es", "verify_nginx", "login")}
-        upstream = nginx_conf(workdir, "upstream", f"""
-    server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
-        procs.start("upstream", ["nginx", "-c", upstream], core=LOAD_CORE)
-        proxy = nginx_conf(workdir, "nginx", f"""
-    upstream app {{ server 127.0.0.1:{ports['upstream']}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{ports['nginx']};
-        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-    }}""")
-        nginx = procs.start("nginx", ["nginx", "-c", proxy], core=PROXY_CORE)
+        start_upstream(procs, workdir, ports["upstream"], core=LOAD_CORE)
+        nginx = start_nginx_proxy(procs, workdir, ports["nginx"], ports["upstream"])
         plain = nginx_conf(workdir, "plain", f"""
     server {{
         listen 127.0.0.1:{ports['plain']};

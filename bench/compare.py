@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from bench import (JWT_SECRET, LOAD_CORE, PROXY_CORE, Procs, free_port, login, measure,
-                   nginx_conf, wait_port, wxgate_conf)
+                   start_nginx_proxy, start_upstream, wait_port, wxgate_conf)
 
 
 def main():
@@ -31,16 +31,8 @@ def main():
     procs = Procs(workdir)
     try:
         ports = {name: free_port() for name in ("upstream", "nginx", "mock", "before", "after")}
-        upstream = nginx_conf(workdir, "upstream", f"""
-    server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
-        procs.start("upstream", ["nginx", "-c", upstream], core=LOAD_CORE)
-        proxy = nginx_conf(workdir, "nginx", f"""
-    upstream app {{ server 127.0.0.1:{ports['upstream']}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{ports['nginx']};
-        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-    }}""")
-        nginx = procs.start("nginx", ["nginx", "-c", proxy], core=PROXY_CORE)
+        start_upstream(procs, workdir, ports["upstream"], core=LOAD_CORE)
+        nginx = start_nginx_proxy(procs, workdir, ports["nginx"], ports["upstream"])
         procs.start("mock", [os.path.abspath(opts.after), "mock-wechat", "--listen",
                              f"127.0.0.1:{ports['mock']}"], core=LOAD_CORE)
         env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")

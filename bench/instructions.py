@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench import JWT_SECRET, WXGATE, Procs, free_port, login, nginx_conf, wait_port, wxgate_conf
+from bench import JWT_SECRET, WXGATE, Procs, free_port, login, start_upstream, wait_port, wxgate_conf
 
 
 def self_costs(profile):
@@ -59,9 +59,7 @@ def main():
     procs = Procs(workdir)
     try:
         ports = {name: free_port() for name in ("upstream", "mock", "gateway")}
-        upstream = nginx_conf(workdir, "upstream", f"""
-    server {{ listen 127.0.0.1:{ports['upstream']}; location / {{ return 200 "ok\\n"; }} }}""")
-        procs.start("upstream", ["nginx", "-c", upstream])
+        start_upstream(procs, workdir, ports["upstream"])
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"])
         config = wxgate_conf(workdir, "gateway", ports["gateway"], ports["mock"], ports["upstream"],
                              f'[token]\nsecret = "{JWT_SECRET}"', 'backend = "memory"')

@@ -78,8 +78,8 @@ pub async fn forward(
     if route.auth() != AuthMode::Public && !state.config.identity.forward_authorization {
         headers.remove(AUTHORIZATION);
     }
-    if let Some(claims) = identity {
-        claims.inject(headers);
+    if let Some(identity) = identity {
+        identity.inject(headers);
     }
     set_forwarded(state, headers, client, host.as_ref());
     headers.insert(X_REQUEST_ID, request_id.clone());
@@ -359,6 +359,9 @@ fn caused_by_body_cap(err: &(dyn StdError + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, Full, StreamBody};
 
     #[test]
     fn the_hop_by_hop_index_is_the_list_s_own() {
@@ -368,9 +371,6 @@ mod tests {
         assert_eq!(hop_by_hop_index("content-length"), None);
         assert_eq!(hop_by_hop_index("x-wx-openid"), None);
     }
-    use bytes::Bytes;
-    use http_body::Frame;
-    use http_body_util::{BodyExt, Full, StreamBody};
 
     #[test]
     fn connection_named_headers_are_removed() {

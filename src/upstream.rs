@@ -5,8 +5,8 @@
 //! Built on hyper's connection API rather than hyper-util's pooled client, by measurement:
 //! that client takes a lock, builds a key and wakes a task of its own to put the connection back
 //! after every answer with a body. With a connection per client connection, none of that happens
-//! on the way of a request: 7,400 fewer instructions per proxied request (of 53,000 in all,
-//! callgrind, see README "Performance").
+//! on the way of a request: about 7,400 fewer instructions per proxied request, of 52,000 to
+//! 61,000 before (`bench/instructions.py`; README "Performance").
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
