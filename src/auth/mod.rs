@@ -125,7 +125,7 @@ fn verify_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
 }
 
 fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
-    let claims = match state.verified_tokens.get(token) {
+    let identity = match state.verified_tokens.get(token) {
         Some(identity) => identity,
         None => {
             let identity = Arc::new(state.identity.identity(state.keys.verify(token)?));
@@ -133,7 +133,7 @@ fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
             identity
         }
     };
-    if state.services.revocations.is_revoked(&claims.sid) {
+    if state.services.revocations.is_revoked(&identity.sid) {
         return Err(Error::TokenRevoked);
     }
     // A token of an app that a reload removed is not honoured any more.
@@ -142,11 +142,11 @@ fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
         .wechat
         .apps
         .iter()
-        .any(|app| app.appid == claims.appid)
+        .any(|app| app.appid == identity.appid)
     {
         return Err(Error::ForbiddenApp);
     }
-    Ok(claims)
+    Ok(identity)
 }
 
 /// The token of an `Authorization: Bearer …` header, the scheme matched case-insensitively

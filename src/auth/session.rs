@@ -38,8 +38,8 @@ pub fn me(state: &State, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, E
 /// Forward-auth (nginx `auth_request`, Traefik `forwardAuth`, …): 200 with the identity in the
 /// response headers, which those proxies copy onto the request they forward.
 pub fn verify(state: &State, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, Error> {
-    let claims = require_token(state, headers)?;
+    let identity = require_token(state, headers)?;
     let mut response = Response::new(Full::new(Bytes::new()));
-    *response.headers_mut() = claims.headers();
+    *response.headers_mut() = identity.headers();
     Ok(response)
 }

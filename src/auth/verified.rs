@@ -21,8 +21,9 @@ use crate::token::unix_now;
 /// use at once.
 const CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// An entry's bookkeeping beyond its token, the claims and their header values (neither longer
-/// than the token that carries them, which is counted three times for them): the cache's own.
+/// An entry's bookkeeping beyond its token, its claims and their header values: the cache's
+/// own. The claims and the header values are each no longer than the token that carries them,
+/// which is why the weigher counts the token three times.
 const ENTRY_OVERHEAD: usize = 160;
 
 pub struct VerifiedTokens {
@@ -64,10 +65,10 @@ impl Expiry<String, Arc<Identity>> for UntilExpiry {
     fn expire_after_create(
         &self,
         _token: &String,
-        claims: &Arc<Identity>,
+        identity: &Arc<Identity>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let valid_until = claims.exp + self.leeway.as_secs();
+        let valid_until = identity.exp + self.leeway.as_secs();
         Some(Duration::from_secs(valid_until.saturating_sub(unix_now())))
     }
 }
