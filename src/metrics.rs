@@ -2,7 +2,7 @@
 //! survive config reloads.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,6 +15,74 @@ use prometheus_client::registry::Registry;
 /// A route label: the route's `path`, `auth` for the gateway's own endpoints, `none` when
 /// nothing matched. Shared, so labelling a request clones a pointer, not a string.
 pub type RouteLabel = Arc<String>;
+
+/// A route's label with its series, each looked up in its family on first use and then kept:
+/// a lookup hashes the label set and takes the family's lock, four times per request
+/// otherwise. A series is made on first use, not with the route, so that `/metrics` lists only
+/// what was counted. The families keep the series, so counts carry over a reload that rebuilds
+/// the route.
+pub struct RouteSeries {
+    pub label: RouteLabel,
+    request_duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+    /// Requests answered 200, by far the most common status; others are looked up each time.
+    answered_ok: OnceLock<Counter>,
+}
+
+impl RouteSeries {
+    pub fn new(label: &str) -> Arc<RouteSeries> {
+        Arc::new(RouteSeries {
+            label: Arc::new(label.to_owned()),
+            request_duration: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            answered_ok: OnceLock::new(),
+        })
+    }
+
+    fn route(&self) -> Route {
+        Route {
+            route: self.label.clone(),
+        }
+    }
+
+    /// A request answered with `status`, `took` after it arrived.
+    pub fn observe_request(&self, metrics: &Metrics, status: u16, took: Duration) {
+        self.request_duration
+            .get_or_init(|| {
+                metrics
+                    .request_duration
+                    .get_or_create(&self.route())
+                    .clone()
+            })
+            .observe(took.as_secs_f64());
+        let count = |status| {
+            metrics
+                .requests
+                .get_or_create(&RouteStatus {
+                    route: self.label.clone(),
+                    status,
+                })
+                .clone()
+        };
+        if status == 200 {
+            self.answered_ok.get_or_init(|| count(200)).inc();
+        } else {
+            count(status).inc();
+        }
+    }
+
+    /// The upstream sent its response headers `took` after the request went out.
+    pub fn observe_upstream(&self, metrics: &Metrics, took: Duration) {
+        self.upstream_duration
+            .get_or_init(|| {
+                metrics
+                    .upstream_duration
+                    .get_or_create(&self.route())
+                    .clone()
+            })
+            .observe(took.as_secs_f64());
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
@@ -68,8 +136,11 @@ pub struct Metrics {
     pub config_reloads: Family<Outcome, Counter>,
     pub in_flight: Gauge,
     /// The labels that are not route paths.
-    pub auth_route: RouteLabel,
-    pub no_route: RouteLabel,
+    pub auth_route: Arc<RouteSeries>,
+    pub no_route: Arc<RouteSeries>,
+    /// `token_verifications{result="ok"}`, the outcome of nearly every check, kept like a
+    /// route's series.
+    token_verified: OnceLock<Counter>,
 }
 
 impl Default for Metrics {
@@ -132,8 +203,9 @@ impl Default for Metrics {
             token_verifications,
             config_reloads,
             in_flight,
-            auth_route: Arc::new("auth".into()),
-            no_route: Arc::new("none".into()),
+            auth_route: RouteSeries::new("auth"),
+            no_route: RouteSeries::new("none"),
+            token_verified: OnceLock::new(),
         }
     }
 }
@@ -145,6 +217,20 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing metrics into a String cannot fail");
         text
+    }
+
+    /// A bearer token checked: `result` is `ok` or the error code.
+    pub fn count_token_check(&self, result: &'static str) {
+        let count = || {
+            self.token_verifications
+                .get_or_create(&Outcome { result })
+                .clone()
+        };
+        if result == "ok" {
+            self.token_verified.get_or_init(count).inc();
+        } else {
+            count().inc();
+        }
     }
 
     pub fn observe_wechat(&self, api: &'static str, result: Cow<'static, str>, took: Duration) {

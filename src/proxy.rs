@@ -103,13 +103,9 @@ pub async fn forward(
     );
     let started = std::time::Instant::now();
     let answered = tokio::time::timeout(route.timeout(), sent).await;
-    let metrics = &state.services.metrics;
-    metrics
-        .upstream_duration
-        .get_or_create(&crate::metrics::Route {
-            route: route.label.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    route
+        .series
+        .observe_upstream(&state.services.metrics, started.elapsed());
     let mut response = match answered {
         Err(_) => return Err(Error::UpstreamTimeout),
         Ok(Err(err)) if caused_by_body_cap(&*err) => return Err(Error::PayloadTooLarge),

@@ -9,7 +9,7 @@ use http::{Method, Uri};
 
 use crate::config::{AuthMode, RouteConfig};
 use crate::error::Error;
-use crate::metrics::RouteLabel;
+use crate::metrics::RouteSeries;
 
 /// Refuses every path that an upstream could read as another path than the one the routes
 /// were matched on. Deny by default, as Spring Security's `StrictHttpFirewall` does, rather
@@ -72,8 +72,8 @@ pub fn is_under(prefix: &str, path: &str) -> bool {
 
 pub struct Route {
     pub config: RouteConfig,
-    /// The route's metric label.
-    pub label: RouteLabel,
+    /// The route's metric label and series.
+    pub series: Arc<RouteSeries>,
     /// `config.path` without its trailing `/`.
     prefix: String,
     authority: Authority,
@@ -91,7 +91,7 @@ impl Route {
             .map(|p| p.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
         Route {
-            label: Arc::new(config.path.clone()),
+            series: RouteSeries::new(&config.path),
             prefix,
             authority: parts
                 .authority

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::error::Error;
-use crate::metrics::{self, Metrics, RouteLabel, RouteStatus};
+use crate::metrics::{self, Metrics, RouteSeries};
 use crate::proxy::{self, X_REQUEST_ID};
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
@@ -648,7 +648,7 @@ struct Record<'a> {
     started: Instant,
     method: Method,
     path: String,
-    route: RouteLabel,
+    route: Arc<RouteSeries>,
     status: u16,
     span: tracing::Span,
 }
@@ -657,19 +657,7 @@ impl Drop for Record<'_> {
     fn drop(&mut self) {
         let took = self.started.elapsed();
         let metrics = self.metrics;
-        metrics
-            .request_duration
-            .get_or_create(&metrics::Route {
-                route: self.route.clone(),
-            })
-            .observe(took.as_secs_f64());
-        metrics
-            .requests
-            .get_or_create(&RouteStatus {
-                route: self.route.clone(),
-                status: self.status,
-            })
-            .inc();
+        self.route.observe_request(metrics, self.status, took);
         metrics.in_flight.dec();
         // Last, so that whoever reads the line finds the request counted.
         self.span.in_scope(|| {
@@ -677,7 +665,7 @@ impl Drop for Record<'_> {
                 target: "wxgate::access",
                 method = %self.method,
                 path = %self.path,
-                route = self.route.as_str(),
+                route = self.route.label.as_str(),
                 status = self.status,
                 duration_us = took.as_micros() as u64,
             )
@@ -691,12 +679,12 @@ async fn dispatch(
     request: Request<Incoming>,
     client: &ClientConnection,
     request_id: &HeaderValue,
-    route_label: &mut RouteLabel,
+    route_series: &mut Arc<RouteSeries>,
 ) -> Result<Response<ResponseBody>, Error> {
     let path = request.uri().path();
     routes::check_path(path)?;
     if auth::owns_path(state, path) {
-        *route_label = state.services.metrics.auth_route.clone();
+        *route_series = state.services.metrics.auth_route.clone();
         // Boxed: the login's future (WeChat calls, the exchange cache) is many times the size
         // of the proxy path's, and hyper allocates room for the largest request future once
         // per connection. Unboxed, every connection would carry it for every request.
@@ -705,7 +693,7 @@ async fn dispatch(
             .map(|response| response.map(Either::Right));
     }
     let route: &Route = state.routes.find(path).ok_or(Error::NoRoute)?;
-    *route_label = route.label.clone();
+    *route_series = route.series.clone();
     if !route.allows_method(request.method()) {
         return Err(Error::MethodNotAllowed);
     }
