@@ -10,7 +10,9 @@ of the proxy process (its utime + stime from /proc), as a ratio to nginx.
 "nginx proxy_pass", the baseline of the ratio, is nginx at its best: HTTP/1.1 and a pool of
 keep-alive connections to the upstream, like wxgate's. "nginx proxy_pass, default config" is
 the two-line `location / { proxy_pass …; }` an operator gets without tuning: HTTP/1.0 and a
-new upstream connection per request.
+new upstream connection per request. "relay, no HTTP" (examples/relay.rs) copies bytes between
+each client and an upstream connection of its own on wxgate's runtime: the same system calls
+as a keep-alive proxy and nothing else, so the most a proxy on that runtime can reach here.
 
 Usage: bench/run.sh [--rounds N] [--seconds S]   (builds the release binary, then runs this)
 """
@@ -32,6 +34,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WXGATE = os.path.join(ROOT, "target", "release", "wxgate")
+RELAY = os.path.join(ROOT, "target", "release", "examples", "relay")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE = "0"
 LOAD_CORE = "1"
@@ -308,7 +311,7 @@ def main():
     procs = Procs(workdir)
     try:
         ports = {name: free_port() for name in
-                 ("upstream", "nginx", "plain", "mock", "hs", "es", "verify_nginx", "login")}
+                 ("upstream", "nginx", "plain", "relay", "mock", "hs", "es", "verify_nginx", "login")}
         start_upstream(procs, workdir, ports["upstream"], core=LOAD_CORE)
         nginx = start_nginx_proxy(procs, workdir, ports["nginx"], ports["upstream"])
         plain = nginx_conf(workdir, "plain", f"""
@@ -317,6 +320,8 @@ def main():
         location / {{ proxy_pass http://127.0.0.1:{ports['upstream']}; }}
     }}""")
         plain_nginx = procs.start("nginx-plain", ["nginx", "-c", plain], core=PROXY_CORE)
+        relay = procs.start("relay", [RELAY, f"127.0.0.1:{ports['relay']}", f"127.0.0.1:{ports['upstream']}"],
+                            core=PROXY_CORE)
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"], core=LOAD_CORE)
         env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
 
@@ -358,7 +363,7 @@ def main():
     }}""")
         verify_nginx = procs.start("nginx-auth-request", ["nginx", "-c", verify_conf], core=PROXY_CORE)
 
-        for port in (ports["upstream"], ports["nginx"], ports["mock"], ports["hs"], ports["verify_nginx"]):
+        for port in (ports["upstream"], ports["nginx"], ports["relay"], ports["mock"], ports["hs"], ports["verify_nginx"]):
             wait_port(port)
         if es:
             wait_port(ports["es"])
@@ -368,6 +373,7 @@ def main():
         targets = {
             "nginx proxy_pass": {"url": f"http://127.0.0.1:{ports['nginx']}/", "pids": lambda: [nginx.pid] + children(nginx.pid)},
             "nginx proxy_pass, default config": {"url": f"http://127.0.0.1:{ports['plain']}/", "pids": lambda: [plain_nginx.pid]},
+            "relay, no HTTP": {"url": f"http://127.0.0.1:{ports['relay']}/", "pids": lambda: [relay.pid]},
             "wxgate public route": {"url": f"http://127.0.0.1:{ports['hs']}/public/", "pids": lambda: [hs.pid]},
             "wxgate required, HS256": {"url": f"http://127.0.0.1:{ports['hs']}/api/", "pids": lambda: [hs.pid],
                                        "headers": [f"Authorization: Bearer {hs_token}"]},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark of SPEC §10 in one command: installs nginx and wrk (Debian) and oha (crates.io)
-# when missing, builds the release binary, then runs bench/bench.py (arguments are passed on:
-# --rounds, --seconds, --idle-connections, --paced-rate).
+# when missing, builds the release binary and the relay it is compared with
+# (examples/relay.rs), then runs bench/bench.py (arguments are passed on: --rounds, --seconds,
+# --idle-connections, --paced-rate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -14,5 +15,5 @@ fi
 # oha sends a fixed number of requests a second, for latency at the same load; Debian has no
 # load generator that does.
 command -v oha >/dev/null || cargo install oha --locked
-cargo build --release
+cargo build --release --bin wxgate --example relay
 exec python3 bench/bench.py "$@"
