@@ -248,6 +248,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_route_rebuilt_by_a_reload_counts_into_the_same_series() {
+        let metrics = Metrics::default();
+        let before = RouteSeries::new("/api/");
+        before.observe_request(&metrics, 200, Duration::from_millis(1));
+        before.observe_request(&metrics, 404, Duration::from_millis(1));
+        let after = RouteSeries::new("/api/");
+        after.observe_request(&metrics, 200, Duration::from_millis(1));
+        after.observe_request(&metrics, 404, Duration::from_millis(1));
+        after.observe_upstream(&metrics, Duration::from_millis(1));
+        let text = metrics.encode();
+        for line in [
+            "wxgate_requests_total{route=\"/api/\",status=\"200\"} 2",
+            "wxgate_requests_total{route=\"/api/\",status=\"404\"} 2",
+            "wxgate_request_duration_seconds_count{route=\"/api/\"} 4",
+            "wxgate_upstream_duration_seconds_count{route=\"/api/\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn spec_names_appear_once_counted() {
         let metrics = Metrics::default();
         let route = Arc::new("/api/".to_string());
