@@ -39,21 +39,23 @@ impl RouteSeries {
         })
     }
 
-    fn route(&self) -> Route {
-        Route {
-            route: self.label.clone(),
-        }
+    /// The route's series in a histogram family, looked up once into `kept`.
+    fn histogram<'a>(
+        &self,
+        kept: &'a OnceLock<Histogram>,
+        family: &Histograms<Route>,
+    ) -> &'a Histogram {
+        kept.get_or_init(|| {
+            let route = Route {
+                route: self.label.clone(),
+            };
+            family.get_or_create(&route).clone()
+        })
     }
 
     /// A request answered with `status`, `took` after it arrived.
     pub fn observe_request(&self, metrics: &Metrics, status: u16, took: Duration) {
-        self.request_duration
-            .get_or_init(|| {
-                metrics
-                    .request_duration
-                    .get_or_create(&self.route())
-                    .clone()
-            })
+        self.histogram(&self.request_duration, &metrics.request_duration)
             .observe(took.as_secs_f64());
         let count = |status| {
             metrics
@@ -73,13 +75,7 @@ impl RouteSeries {
 
     /// The upstream sent its response headers `took` after the request went out.
     pub fn observe_upstream(&self, metrics: &Metrics, took: Duration) {
-        self.upstream_duration
-            .get_or_init(|| {
-                metrics
-                    .upstream_duration
-                    .get_or_create(&self.route())
-                    .clone()
-            })
+        self.histogram(&self.upstream_duration, &metrics.upstream_duration)
             .observe(took.as_secs_f64());
     }
 }
