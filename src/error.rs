@@ -183,6 +183,11 @@ impl Error {
     /// On a 401, a request that carried no token is only told how to authenticate (RFC 6750
     /// §3.1); one whose token was refused is also told that the token is the problem.
     pub fn into_response(self) -> Response<Full<Bytes>> {
+        self.into_whole_response().map(Full::new)
+    }
+
+    /// [`Error::into_response`] with its body as bytes, for an answer written without hyper.
+    pub fn into_whole_response(self) -> Response<Bytes> {
         let answer = self.answer();
         let body = ErrorBody {
             error: answer.code,
@@ -190,7 +195,7 @@ impl Error {
             wechat_errcode: answer.wechat_errcode,
         };
         let json = serde_json::to_vec(&body).expect("an error body always serializes");
-        let mut response = Response::new(Full::new(Bytes::from(json)));
+        let mut response = Response::new(Bytes::from(json));
         *response.status_mut() = answer.status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);

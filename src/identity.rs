@@ -112,6 +112,11 @@ impl Identity {
         }
     }
 
+    /// The identity headers, in the order they are set.
+    pub fn header_pairs(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
+    }
+
     /// The identity as response headers, for forward-auth answers.
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::with_capacity(self.headers.len());

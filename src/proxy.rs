@@ -33,7 +33,7 @@ const HTTP: HeaderValue = HeaderValue::from_static("http");
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`,
 /// and `HTTP2-Settings`, which belongs to an `h2c` upgrade): they describe one connection and
 /// are never forwarded.
-static HOP_BY_HOP: [HeaderName; 10] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -303,7 +303,7 @@ fn set_forwarded(
     }
 }
 
-fn is_trusted(trusted_proxies: &[IpNet], ip: IpAddr) -> bool {
+pub(crate) fn is_trusted(trusted_proxies: &[IpNet], ip: IpAddr) -> bool {
     trusted_proxies.iter().any(|net| net.contains(&ip))
 }
 

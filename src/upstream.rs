@@ -48,6 +48,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Default)]
 pub struct UpstreamClient {
     pool: Arc<Pool>,
+    /// Connections the fast lane speaks HTTP/1.1 on by itself (`server::fast_lane`): plain
+    /// sockets, at a message boundary, that hyper has never seen.
+    plain: Mutex<HashMap<Authority, Vec<IdleSocket>>>,
+}
+
+struct IdleSocket {
+    stream: TcpStream,
+    since: Instant,
 }
 
 #[derive(Default)]
@@ -166,6 +174,55 @@ impl UpstreamClient {
     }
 }
 
+impl UpstreamClient {
+    /// A plain connection to `authority`: a kept one the upstream has not closed, else a new one.
+    pub async fn plain_connection(&self, authority: &Authority) -> Result<TcpStream, SendError> {
+        let kept = {
+            let mut plain = lock(&self.plain);
+            let now = Instant::now();
+            let mut found = None;
+            if let Some(sockets) = plain.get_mut(authority) {
+                while let Some(idle) = sockets.pop() {
+                    if now - idle.since < IDLE_TIMEOUT {
+                        found = Some(idle.stream);
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        match kept {
+            Some(stream) if still_open(&stream).await => Ok(stream),
+            _ => connect_socket(authority).await,
+        }
+    }
+
+    /// Keeps a plain connection, at a message boundary, for the next request to `authority`.
+    pub fn keep_plain(&self, authority: Authority, stream: TcpStream) {
+        let mut plain = lock(&self.plain);
+        let sockets = plain.entry(authority).or_default();
+        if sockets.len() >= MAX_IDLE_PER_UPSTREAM {
+            sockets.remove(0);
+        }
+        sockets.push(IdleSocket {
+            stream,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// True when a kept connection can take a request: the upstream has neither closed it nor
+/// sent anything unasked. Costs no system call unless the socket has news: the runtime
+/// already knows whether anything arrived since the last read that drained it.
+pub async fn still_open(stream: &TcpStream) -> bool {
+    let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(stream.poll_read_ready(cx))).await;
+    if ready.is_pending() {
+        return true;
+    }
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 impl Pool {
     /// The most recently used connection that can take a request now. One still busy with an
     /// answer another client is reading stays for later; a closed or stale one goes.
@@ -202,7 +259,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, SendError> {
+async fn connect_socket(authority: &Authority) -> Result<TcpStream, SendError> {
     // An IPv6 literal comes bracketed in a URL, never in an address.
     let host = authority
         .host()
@@ -214,6 +271,11 @@ async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, Sen
         .map_err(|_| format!("connecting to {authority} timed out"))??;
     // Latency matters more than packet count for small API requests.
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, SendError> {
+    let stream = connect_socket(authority).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.with_upgrades().await {

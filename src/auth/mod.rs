@@ -89,13 +89,22 @@ pub fn authorize(
     route: &Route,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<Identity>>, Error> {
+    authorize_bearer(state, route, || bearer_token(headers))
+}
+
+/// [`authorize`], given what finds the request's bearer token: a public route never looks.
+pub fn authorize_bearer<'h>(
+    state: &State,
+    route: &Route,
+    bearer: impl FnOnce() -> Result<Option<&'h str>, Error>,
+) -> Result<Option<Arc<Identity>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
-        AuthMode::Optional => match bearer_token(headers)? {
+        AuthMode::Optional => match bearer()? {
             None => return Ok(None),
             Some(token) => verify_token(state, token)?,
         },
-        AuthMode::Required => require_token(state, headers)?,
+        AuthMode::Required => verify_token(state, bearer()?.ok_or(Error::MissingToken)?)?,
     };
     if !route.allows_app(&claims.appid) {
         return Err(Error::ForbiddenApp);
@@ -156,22 +165,24 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Error> {
     if values.next().is_some() {
         return Err(Error::InvalidToken);
     }
+    Ok(bearer_of(value.as_bytes()))
+}
+
+/// The token of one `Authorization` header value, if it is of the bearer scheme.
+pub fn bearer_of(value: &[u8]) -> Option<&str> {
     // What `HeaderValue::to_str` accepts, checked a word at a time instead of byte by byte: a
     // header value holds no control character but tab, so it is visible ASCII exactly when it
     // is ASCII. A token is a few hundred bytes, on every request.
-    let bytes = value.as_bytes();
-    let text = bytes
+    let text = value
         .is_ascii()
-        .then(|| std::str::from_utf8(bytes).ok())
+        .then(|| std::str::from_utf8(value).ok())
         .flatten();
-    let token = text
-        .and_then(|value| value.split_once(' '))
+    text.and_then(|value| value.split_once(' '))
         .and_then(|(scheme, token)| {
             scheme
                 .eq_ignore_ascii_case("bearer")
                 .then_some(token.trim())
-        });
-    Ok(token)
+        })
 }
 
 /// Reads a JSON body of at most `server.max_body_bytes`: 413 past it, 400 for anything

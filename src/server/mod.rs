@@ -33,6 +33,7 @@ use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
 use crate::upstream::Affinity;
 
+mod fast_lane;
 mod shedding;
 
 use shedding::{Activity, Shedding};
@@ -59,6 +60,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let grace_state = state.clone();
+    let lane = state.clone();
     let handler = move |request, client| {
         let state = state.load_full();
         async move { handle(&state, request, client).await }
@@ -72,7 +74,7 @@ pub async fn run(
     };
     // The grace period is read at shutdown time: a reload may have changed it.
     let grace = move || grace_state.load().config.server.shutdown_grace;
-    serve_connections(listener, handler, limits, shutdown, grace).await;
+    serve_connections(listener, handler, Some(lane), limits, shutdown, grace).await;
     Ok(())
 }
 
@@ -157,10 +159,12 @@ impl Protocols {
 }
 
 /// The accept loop shared by the gateway and the admin listener: one task per connection,
-/// HTTP/1.1 or h2c, each holding a slot so that shutdown can wait for it to finish.
+/// HTTP/1.1 or h2c, each holding a slot so that shutdown can wait for it to finish. With
+/// `lane`, HTTP/1 connections take the fast lane for the requests it takes (see [`fast_lane`]).
 async fn serve_connections<H, F>(
     listener: TcpListener,
     handler: H,
+    lane: Option<SharedState>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: impl FnOnce() -> Duration,
@@ -208,6 +212,7 @@ async fn serve_connections<H, F>(
             stream,
             client,
             handler.clone(),
+            lane.clone(),
             protocols.clone(),
         ));
     }
@@ -240,6 +245,7 @@ async fn serve_connection<H, F>(
     mut stream: TcpStream,
     client: ClientConnection,
     handler: H,
+    lane: Option<SharedState>,
     protocols: Arc<Protocols>,
 ) where
     H: Fn(Request<Incoming>, ClientConnection) -> F + Send + Sync + 'static,
@@ -268,7 +274,16 @@ async fn serve_connection<H, F>(
     };
     match protocol {
         Protocol::Http1 => {
-            serve_http1(stream, first_bytes, client, handler, &protocols, phase).await;
+            serve_http1(
+                stream,
+                first_bytes,
+                client,
+                handler,
+                lane.as_ref(),
+                &protocols,
+                phase,
+            )
+            .await;
         }
         Protocol::Http2 => {
             let streams = Arc::new(Streams::new());
@@ -303,14 +318,16 @@ async fn serve_connection<H, F>(
     }
 }
 
-/// An HTTP/1 connection, one hyper connection after another on the same socket: each ends
-/// once the client has idled for [`shedding::SHED_AFTER`], and the next starts when the client
-/// sends again, so that an idle client holds no buffers (see [`shedding`]).
+/// An HTTP/1 connection: the fast lane while the requests are its own, else one hyper
+/// connection after another on the same socket. Each ends once the client has idled for
+/// [`shedding::SHED_AFTER`], and the next starts when the client sends again, so that an idle
+/// client holds no buffers (see [`shedding`]).
 async fn serve_http1<H, F>(
     mut stream: TcpStream,
     first_bytes: Vec<u8>,
     mut client: ClientConnection,
     handler: H,
+    lane: Option<&SharedState>,
     protocols: &Protocols,
     mut phase: watch::Receiver<Phase>,
 ) where
@@ -320,6 +337,7 @@ async fn serve_http1<H, F>(
     let peer = client.peer;
     let upstream = Arc::new(Affinity::default());
     client.upstream = Some(upstream.clone());
+    let lane_client = client.clone();
     let activity = Arc::new(Activity::default());
     let counted = activity.clone();
     let handler = Arc::new(handler);
@@ -345,6 +363,31 @@ async fn serve_http1<H, F>(
         .header_timeout
         .saturating_sub(shedding::SHED_AFTER);
     loop {
+        if let Some(shared) = lane {
+            // Boxed, so that an idle connection's task does not keep room for the lane.
+            let served = Box::pin(fast_lane::serve(
+                &mut stream,
+                replay,
+                shared,
+                &lane_client,
+                &phase,
+                protocols.header_timeout,
+            ))
+            .await;
+            match served {
+                fast_lane::Ended::Closed => return,
+                fast_lane::Ended::Idle => {
+                    upstream.release();
+                    tracing::debug!(%peer, "idle keep-alive connection shed its buffers");
+                    if !next_request(&stream, idle_limit, &mut phase, peer).await {
+                        return;
+                    }
+                    replay = Vec::new();
+                    continue;
+                }
+                fast_lane::Ended::Handover(read) => replay = read,
+            }
+        }
         let io = Shedding::new(stream, replay, activity.clone());
         // Boxed, so that the connection's task keeps only a pointer to it while it idles.
         let mut connection = Box::new(
@@ -387,15 +430,29 @@ async fn serve_http1<H, F>(
         stream = shed;
         replay = Vec::new();
         service = returned;
-        let next_request = tokio::select! {
-            readable = tokio::time::timeout(idle_limit, stream.readable()) => readable,
-            _ = phase.wait_for(|phase| *phase != Phase::Serving) => return,
-        };
-        if !matches!(next_request, Ok(Ok(()))) {
-            tracing::debug!(%peer, "keep-alive connection closed: idle for header_timeout");
+        if !next_request(&stream, idle_limit, &mut phase, peer).await {
             return;
         }
     }
+}
+
+/// Waits, holding no buffer, for an idle client's next request: false when none began within
+/// `idle_limit` or the listener is draining.
+async fn next_request(
+    stream: &TcpStream,
+    idle_limit: Duration,
+    phase: &mut watch::Receiver<Phase>,
+    peer: SocketAddr,
+) -> bool {
+    let next_request = tokio::select! {
+        readable = tokio::time::timeout(idle_limit, stream.readable()) => readable,
+        _ = phase.wait_for(|phase| *phase != Phase::Serving) => return false,
+    };
+    if !matches!(next_request, Ok(Ok(()))) {
+        tracing::debug!(%peer, "keep-alive connection closed: idle for header_timeout");
+        return false;
+    }
+    true
 }
 
 /// Reads until the first bytes tell an HTTP/2 preface from an HTTP/1 request: as long as they
@@ -600,7 +657,7 @@ pub async fn run_admin(
         max_connections: ADMIN_MAX_CONNECTIONS,
         header_timeout: ADMIN_HEADER_TIMEOUT,
     };
-    serve_connections(listener, handler, limits, shutdown, || {
+    serve_connections(listener, handler, None, limits, shutdown, || {
         Duration::from_secs(1)
     })
     .await;
@@ -612,22 +669,18 @@ async fn handle(
     request: Request<Incoming>,
     client: ClientConnection,
 ) -> Response<ResponseBody> {
-    let metrics = &state.services.metrics;
-    metrics.in_flight.inc();
-    let request_id = request_id(&request);
-    let mut record = Record {
-        metrics,
-        started: Instant::now(),
-        method: request.method().clone(),
-        path: request.uri().path().to_owned(),
-        route: metrics.no_route.clone(),
-        status: CLIENT_CLOSED_REQUEST,
-        // Every line logged while answering carries the request id.
-        span: tracing::info_span!(
-            "request",
-            request_id = request_id.to_str().unwrap_or_default()
-        ),
-    };
+    let request_id = request_id(
+        request
+            .headers()
+            .get(X_REQUEST_ID)
+            .map(HeaderValue::as_bytes),
+    );
+    let mut record = Record::begin(
+        &state.services.metrics,
+        request.method().clone(),
+        request.uri().path().to_owned(),
+        &request_id,
+    );
     let result = dispatch(state, request, &client, &request_id, &mut record.route)
         .instrument(record.span.clone())
         .await;
@@ -651,6 +704,31 @@ struct Record<'a> {
     route: Arc<RouteSeries>,
     status: u16,
     span: tracing::Span,
+}
+
+impl Record<'_> {
+    /// Counts the request in flight until the record is dropped.
+    fn begin<'a>(
+        metrics: &'a Metrics,
+        method: Method,
+        path: String,
+        request_id: &HeaderValue,
+    ) -> Record<'a> {
+        metrics.in_flight.inc();
+        Record {
+            metrics,
+            started: Instant::now(),
+            method,
+            path,
+            route: metrics.no_route.clone(),
+            status: CLIENT_CLOSED_REQUEST,
+            // Every line logged while answering carries the request id.
+            span: tracing::info_span!(
+                "request",
+                request_id = request_id.to_str().unwrap_or_default()
+            ),
+        }
+    }
 }
 
 impl Drop for Record<'_> {
@@ -716,18 +794,17 @@ async fn dispatch(
     Ok(response.map(Either::Left))
 }
 
-/// The client's `X-Request-Id` when it is short and plain (so it can go into logs and headers
-/// as is), else a new one.
-fn request_id(request: &Request<Incoming>) -> HeaderValue {
-    if let Some(sent) = request.headers().get(X_REQUEST_ID) {
-        let bytes = sent.as_bytes();
+/// The client's `X-Request-Id` (`sent`) when it is short and plain (so it can go into logs and
+/// headers as is), else a new one.
+fn request_id(sent: Option<&[u8]>) -> HeaderValue {
+    if let Some(bytes) = sent {
         let sane = !bytes.is_empty()
             && bytes.len() <= MAX_REQUEST_ID_LEN
             && bytes
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
         if sane {
-            return sent.clone();
+            return HeaderValue::from_bytes(bytes).expect("checked to be plain ASCII");
         }
     }
     let generated = uuid::Uuid::new_v4();

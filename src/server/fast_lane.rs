@@ -1,0 +1,1027 @@
+//! The fast lane: the common request (HTTP/1.1, keep-alive, no body, to a route) answered
+//! without hyper, on plain sockets at both ends.
+//!
+//! hyper's general machinery (a header map per message on both sides, a dispatcher task per
+//! upstream connection, the futures it moves from place to place) costs more per request than
+//! the system calls that carry it; the bench (README, "Performance") measured it. This lane
+//! parses the request head once with `httparse`, the parser hyper itself uses, makes every
+//! decision the hyper path makes with the same functions (`check_path`, the route table,
+//! `auth::authorize_bearer`, the identity rules), writes the upstream request head in one
+//! buffer and relays the answer with its framing checked.
+//!
+//! It takes only what it is sure of. Anything else (a body, `Transfer-Encoding`, `Expect`,
+//! `Connection` other than `keep-alive` (so any upgrade), `CONNECT`, a repeated `Host`, `Content-Length` or
+//! `Authorization`, HTTP/1.0, a target that is not in origin form, a head that does not parse,
+//! the gateway's own endpoints) is handed to hyper with the bytes read so far, and hyper serves
+//! the connection from there until it next idles. So a request that could be read two ways is
+//! never read by the lane at all.
+
+use std::io;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{HeaderValue, Method, Response, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::shedding::SHED_AFTER;
+use super::{ClientConnection, Phase, Record};
+use crate::auth;
+use crate::config::AuthMode;
+use crate::error::Error;
+use crate::proxy;
+use crate::routes::{self, Route};
+use crate::state::{SharedState, State};
+use crate::upstream::{self, UpstreamClient};
+
+/// How much room a request head is read into at a time. Real API requests have heads of a few
+/// hundred bytes, a token being the longest part; the limit is `MAX_HEADER_BYTES`.
+const HEAD_BUFFER: usize = 8 * 1024;
+
+/// hyper's own limit on the number of headers in a message.
+const MAX_HEADERS: usize = 100;
+
+/// The longest response head taken from an upstream, as for a request.
+const MAX_RESPONSE_HEAD: usize = super::MAX_HEADER_BYTES;
+
+/// How much of a response body is read from the upstream at a time.
+const BODY_BUFFER: usize = 16 * 1024;
+
+/// The longest chunk-size line (with its extensions) or trailer line taken in a chunked body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Why the lane stopped serving a connection.
+pub(super) enum Ended {
+    /// The connection is over: the client closed it, it failed, or it may not go on.
+    Closed,
+    /// The client sent nothing for [`SHED_AFTER`]: it holds no request and no buffer.
+    Idle,
+    /// The request at the front of these bytes is not one the lane takes.
+    Handover(Vec<u8>),
+}
+
+/// Serves requests from `stream` while they are the lane's, starting with those in `pending`.
+pub(super) async fn serve(
+    stream: &mut TcpStream,
+    mut pending: Vec<u8>,
+    shared: &SharedState,
+    client: &ClientConnection,
+    phase: &watch::Receiver<Phase>,
+    header_timeout: Duration,
+) -> Ended {
+    let mut lane = Lane {
+        upstream: None,
+        out: Vec::new(),
+        from_upstream: Vec::new(),
+    };
+    let mut draining = phase.clone();
+    let drain = draining.wait_for(|phase| *phase != Phase::Serving);
+    tokio::pin!(drain);
+    // One timer for the whole connection, moved to each new deadline.
+    let deadline = tokio::time::sleep(SHED_AFTER);
+    tokio::pin!(deadline);
+    let mut head_started = tokio::time::Instant::now();
+    let ended = loop {
+        let state = shared.load_full();
+        let step = {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&pending) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    match plan(&state, &request, client, &mut lane.out) {
+                        Some(plan) => Step::Answer(head_len, plan),
+                        None => Step::Handover,
+                    }
+                }
+                Ok(httparse::Status::Partial) if pending.len() < super::MAX_HEADER_BYTES => {
+                    Step::ReadMore
+                }
+                Ok(httparse::Status::Partial) => Step::TooLarge,
+                Err(_) => Step::Handover,
+            }
+        };
+        match step {
+            Step::Handover => break Ended::Handover(pending),
+            Step::TooLarge => {
+                // What hyper answers past `max_buf_size`. hyper enforces its limit only on a
+                // read that leaves the head unfinished, so a head handed over half read could
+                // arrive whole in its next read and pass: the lane keeps the limit itself.
+                let _ = stream.write_all(HEAD_TOO_LARGE).await;
+                break Ended::Closed;
+            }
+            Step::ReadMore => {
+                let idle = pending.is_empty();
+                if idle {
+                    head_started = tokio::time::Instant::now();
+                }
+                let wait_until = if idle {
+                    head_started + SHED_AFTER.min(header_timeout)
+                } else {
+                    head_started + header_timeout
+                };
+                deadline.as_mut().reset(wait_until);
+                pending.reserve(HEAD_BUFFER);
+                let read = tokio::select! {
+                    biased;
+                    read = stream.read_buf(&mut pending) => read,
+                    () = deadline.as_mut() => {
+                        // An idle client goes back to the connection loop, which sheds and
+                        // keeps waiting up to `header_timeout`; a stalled head is closed.
+                        break if idle { Ended::Idle } else { Ended::Closed };
+                    }
+                    _ = drain.as_mut() => break Ended::Closed,
+                };
+                match read {
+                    Ok(0) | Err(_) => break Ended::Closed,
+                    Ok(_) => {}
+                }
+            }
+            Step::Answer(head_len, plan) => {
+                let draining = *phase.borrow() != Phase::Serving;
+                let answered = lane
+                    .answer(&state, plan, stream, draining, deadline.as_mut())
+                    .await;
+                pending.drain(..head_len);
+                if !answered || draining {
+                    break Ended::Closed;
+                }
+                head_started = tokio::time::Instant::now();
+            }
+        }
+    };
+    if let Some((authority, socket)) = lane.upstream.take() {
+        shared
+            .load()
+            .services
+            .upstream
+            .keep_plain(authority, socket);
+    }
+    ended
+}
+
+// A step lives on the stack for one turn of the loop; boxing its plan would cost an allocation
+// per request to save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Step<'s> {
+    Answer(usize, Plan<'s>),
+    ReadMore,
+    TooLarge,
+    Handover,
+}
+
+const HEAD_TOO_LARGE: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// A request the lane has taken: its record, and either the route to forward it to (its
+/// upstream head already written) or the error that answers it.
+struct Plan<'s> {
+    record: Record<'s>,
+    request_id: HeaderValue,
+    head_only: bool,
+    action: Result<&'s Route, Error>,
+}
+
+/// The connection's buffers and its upstream connection, kept while it is active.
+struct Lane {
+    upstream: Option<(Authority, TcpStream)>,
+    /// What goes out next: the upstream request head, then the client's answer.
+    out: Vec<u8>,
+    from_upstream: Vec<u8>,
+}
+
+/// The headers the lane tells apart; the rest pass through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Name {
+    Host,
+    Authorization,
+    ContentLength,
+    Connection,
+    TransferEncoding,
+    /// Fixed hop-by-hop headers other than `Connection` and `Transfer-Encoding`. Without
+    /// `Connection: upgrade`, `Upgrade` is one of them: both paths drop it.
+    HopByHop,
+    Expect,
+    RequestId,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
+    Forwarded,
+    Date,
+    Other,
+}
+
+/// The class of a header name, matched case-insensitively: by length first, so that most
+/// names are told apart without looking at a byte. Each header is classified once per message.
+fn classify(name: &str) -> Name {
+    let name = name.as_bytes();
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 if is(b"te") => Name::HopByHop,
+        4 if is(b"host") => Name::Host,
+        4 if is(b"date") => Name::Date,
+        6 if is(b"expect") => Name::Expect,
+        7 if is(b"upgrade") || is(b"trailer") => Name::HopByHop,
+        9 if is(b"forwarded") => Name::Forwarded,
+        10 if is(b"connection") => Name::Connection,
+        10 if is(b"keep-alive") => Name::HopByHop,
+        12 if is(b"x-request-id") => Name::RequestId,
+        13 if is(b"authorization") => Name::Authorization,
+        14 if is(b"content-length") => Name::ContentLength,
+        14 if is(b"http2-settings") => Name::HopByHop,
+        15 if is(b"x-forwarded-for") => Name::ForwardedFor,
+        16 if is(b"x-forwarded-host") => Name::ForwardedHost,
+        16 if is(b"proxy-connection") => Name::HopByHop,
+        17 if is(b"x-forwarded-proto") => Name::ForwardedProto,
+        17 if is(b"transfer-encoding") => Name::TransferEncoding,
+        18 if is(b"proxy-authenticate") => Name::HopByHop,
+        19 if is(b"proxy-authorization") => Name::HopByHop,
+        _ => Name::Other,
+    }
+}
+
+/// The classes of a message's headers, in order.
+fn classify_all(headers: &[httparse::Header<'_>]) -> [Name; MAX_HEADERS] {
+    let mut classes = [Name::Other; MAX_HEADERS];
+    for (class, header) in classes.iter_mut().zip(headers) {
+        *class = classify(header.name);
+    }
+    classes
+}
+
+/// What one pass over the request's headers found.
+#[derive(Default)]
+struct Seen<'h> {
+    host: Option<&'h [u8]>,
+    authorization: Option<&'h [u8]>,
+    request_id: Option<&'h [u8]>,
+    repeated: bool,
+    not_taken: bool,
+}
+
+/// Decides a parsed request: `None` hands it to hyper. For a request to forward, the upstream
+/// request head is left in `out`.
+fn plan<'s>(
+    state: &'s State,
+    request: &httparse::Request<'_, '_>,
+    client: &ClientConnection,
+    out: &mut Vec<u8>,
+) -> Option<Plan<'s>> {
+    if request.version != Some(1) {
+        return None;
+    }
+    let target = request.path?;
+    if !target.starts_with('/') {
+        return None;
+    }
+    let classes = classify_all(request.headers);
+    let mut seen = Seen::default();
+    for (header, class) in request.headers.iter().zip(classes) {
+        match class {
+            Name::Host => {
+                seen.repeated |= seen.host.replace(header.value).is_some();
+            }
+            Name::Authorization => {
+                seen.repeated |= seen.authorization.replace(header.value).is_some();
+            }
+            Name::ContentLength => seen.not_taken |= header.value != b"0",
+            Name::Connection => {
+                seen.not_taken |= !header
+                    .value
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"keep-alive");
+            }
+            // A body, or a wish for an interim answer before it.
+            Name::TransferEncoding | Name::Expect => seen.not_taken = true,
+            Name::RequestId if seen.request_id.is_none() => seen.request_id = Some(header.value),
+            _ => {}
+        }
+    }
+    let host = seen.host?;
+    if seen.repeated || seen.not_taken {
+        return None;
+    }
+    // The same parse hyper makes of a request target, so that both read the same path.
+    let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?;
+    let path = uri.path();
+    let checked = routes::check_path(path);
+    if checked.is_ok() && auth::owns_path(state, path) {
+        return None;
+    }
+    let method = Method::from_bytes(request.method?.as_bytes()).ok()?;
+    // A 2xx answer to CONNECT turns the connection into a tunnel, which is hyper's to run.
+    if method == Method::CONNECT {
+        return None;
+    }
+    let request_id = super::request_id(seen.request_id);
+    let metrics = &state.services.metrics;
+    let head_only = method == Method::HEAD;
+    let mut record = Record::begin(metrics, method, path.to_owned(), &request_id);
+    let action = decide(state, checked, &uri, seen.authorization, &mut record);
+    let action = action.map(|(route, identity)| {
+        write_upstream_head(
+            out,
+            state,
+            route,
+            request,
+            &classes,
+            &uri,
+            identity.as_deref(),
+            client,
+            host,
+            &request_id,
+        );
+        route
+    });
+    Some(Plan {
+        record,
+        request_id,
+        head_only,
+        action,
+    })
+}
+
+type Decision<'s> = (&'s Route, Option<std::sync::Arc<crate::identity::Identity>>);
+
+/// The checks of the hyper path's `dispatch`, in the same order (SPEC §4).
+fn decide<'s>(
+    state: &'s State,
+    checked_path: Result<(), Error>,
+    uri: &Uri,
+    authorization: Option<&[u8]>,
+    record: &mut Record<'s>,
+) -> Result<Decision<'s>, Error> {
+    checked_path?;
+    let path = uri.path();
+    let route = state.routes.find(path).ok_or(Error::NoRoute)?;
+    record.route = route.series.clone();
+    if !route.allows_method(&record.method) {
+        return Err(Error::MethodNotAllowed);
+    }
+    let identity =
+        auth::authorize_bearer(state, route, || Ok(authorization.and_then(auth::bearer_of)))?;
+    Ok((route, identity))
+}
+
+/// The request head for the upstream, by the rules of `proxy::forward`: hop-by-hop and
+/// identity-like headers dropped, the identity, `X-Forwarded-*` and `X-Request-ID` set.
+#[allow(clippy::too_many_arguments)]
+fn write_upstream_head(
+    out: &mut Vec<u8>,
+    state: &State,
+    route: &Route,
+    request: &httparse::Request<'_, '_>,
+    classes: &[Name],
+    uri: &Uri,
+    identity: Option<&crate::identity::Identity>,
+    client: &ClientConnection,
+    host: &[u8],
+    request_id: &HeaderValue,
+) {
+    let trusted = proxy::is_trusted(&state.config.server.trusted_proxies, client.peer.ip());
+    let drop_authorization =
+        route.auth() != AuthMode::Public && !state.config.identity.forward_authorization;
+    let mut forwarded_for: Vec<u8> = Vec::new();
+    let (mut had_proto, mut had_host) = (false, false);
+    out.clear();
+    out.extend_from_slice(request.method.unwrap_or_default().as_bytes());
+    out.push(b' ');
+    route.write_upstream_target(uri, out);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (header, &class) in request.headers.iter().zip(classes) {
+        // `Host` is read before the identity rules strip anything, as in `proxy::forward`.
+        if class != Name::Host && state.identity.is_protected(header.name) {
+            continue;
+        }
+        let kept = match class {
+            Name::Connection | Name::HopByHop | Name::RequestId => false,
+            // Not taken by the lane; listed so that no new name slips through unnoticed.
+            Name::TransferEncoding | Name::Expect => false,
+            Name::Authorization => !drop_authorization,
+            Name::ForwardedFor => {
+                if trusted {
+                    forwarded_for.extend_from_slice(header.value);
+                    forwarded_for.extend_from_slice(b", ");
+                }
+                false
+            }
+            Name::ForwardedProto => {
+                had_proto = true;
+                trusted
+            }
+            Name::ForwardedHost => {
+                had_host = true;
+                trusted
+            }
+            Name::Forwarded => trusted,
+            Name::Host | Name::ContentLength | Name::Date | Name::Other => true,
+        };
+        if kept {
+            push_header(out, header.name.as_bytes(), header.value);
+        }
+    }
+    if let Some(identity) = identity {
+        for (name, value) in identity.header_pairs() {
+            push_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    forwarded_for.extend_from_slice(client.peer_ip.as_bytes());
+    push_header(out, b"x-forwarded-for", &forwarded_for);
+    if !(trusted && had_proto) {
+        push_header(out, b"x-forwarded-proto", b"http");
+    }
+    if !(trusted && had_host) {
+        push_header(out, b"x-forwarded-host", host);
+    }
+    push_header(out, b"x-request-id", request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How an upstream's response body ends (RFC 9112 §6.3).
+#[derive(Clone, Copy)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Only the upstream closing its connection ends it.
+    UntilClose,
+}
+
+/// A response head from the upstream, already rewritten into `Lane::out` for the client.
+struct Relayed {
+    status: u16,
+    framing: Framing,
+    /// Where the body starts in `Lane::from_upstream`.
+    body_from: usize,
+    /// The upstream's connection can take another request once this body is read.
+    reusable: bool,
+}
+
+/// Why an exchange with the upstream failed before its answer's head arrived.
+enum Failed {
+    Timeout,
+    Unavailable(String),
+}
+
+impl Lane {
+    /// Answers one planned request. False when the client connection cannot go on.
+    async fn answer(
+        &mut self,
+        state: &State,
+        plan: Plan<'_>,
+        client: &mut TcpStream,
+        draining: bool,
+        deadline: Pin<&mut tokio::time::Sleep>,
+    ) -> bool {
+        let Plan {
+            mut record,
+            request_id,
+            head_only,
+            action,
+        } = plan;
+        let route = match action {
+            Ok(route) => route,
+            Err(error) => {
+                record.status = write_error(&mut self.out, error, &request_id, draining);
+                return client.write_all(&self.out).await.is_ok();
+            }
+        };
+        let started = Instant::now();
+        let exchanged = tokio::select! {
+            biased;
+            exchanged = self.exchange(state, route, head_only, &request_id, draining, deadline) => {
+                exchanged
+            }
+            // The record keeps its 499, and the upstream connection, with an answer still
+            // coming on it, is closed.
+            () = gone(client) => return false,
+        };
+        route
+            .series
+            .observe_upstream(&state.services.metrics, started.elapsed());
+        let (mut upstream, relayed) = match exchanged {
+            Ok(exchanged) => exchanged,
+            Err(failed) => {
+                let error = match failed {
+                    Failed::Timeout => Error::UpstreamTimeout,
+                    Failed::Unavailable(why) => {
+                        record.span.in_scope(|| {
+                            tracing::warn!(
+                                route = %route.config.path,
+                                error = %why,
+                                "upstream request failed"
+                            )
+                        });
+                        Error::UpstreamUnavailable
+                    }
+                };
+                record.status = write_error(&mut self.out, error, &request_id, draining);
+                return client.write_all(&self.out).await.is_ok();
+            }
+        };
+        record.status = relayed.status;
+        let relayed_body = self.relay_body(&relayed, &mut upstream, client).await;
+        match relayed_body {
+            Ok(ended_clean) => {
+                if ended_clean && relayed.reusable {
+                    self.upstream = Some((route.upstream_authority().clone(), upstream));
+                }
+                !matches!(relayed.framing, Framing::UntilClose)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends the request head in `out` and reads the answer's head, within the route's
+    /// timeout. The upstream connection comes back with the head, its body still to read.
+    async fn exchange(
+        &mut self,
+        state: &State,
+        route: &Route,
+        head_only: bool,
+        request_id: &HeaderValue,
+        draining: bool,
+        mut deadline: Pin<&mut tokio::time::Sleep>,
+    ) -> Result<(TcpStream, Relayed), Failed> {
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + route.timeout());
+        let authority = route.upstream_authority();
+        let kept = match self.upstream.take() {
+            Some((kept_for, socket)) if kept_for == *authority => {
+                if upstream::still_open(&socket).await {
+                    Some(socket)
+                } else {
+                    None
+                }
+            }
+            Some((other, socket)) => {
+                state.services.upstream.keep_plain(other, socket);
+                None
+            }
+            None => None,
+        };
+        let exchange = async {
+            let mut socket = match kept {
+                Some(socket) => socket,
+                None => connect(&state.services.upstream, authority).await?,
+            };
+            socket
+                .write_all(&self.out)
+                .await
+                .map_err(|err| Failed::Unavailable(err.to_string()))?;
+            let relayed = read_response_head(
+                &mut socket,
+                &mut self.from_upstream,
+                &mut self.out,
+                head_only,
+                request_id,
+                draining,
+            )
+            .await?;
+            Ok((socket, relayed))
+        };
+        tokio::select! {
+            biased;
+            exchanged = exchange => exchanged,
+            () = deadline => Err(Failed::Timeout),
+        }
+    }
+
+    /// Sends the head in `out` to the client, then the body as the upstream sends it. True
+    /// when the body ended where its framing says, with nothing after it.
+    async fn relay_body(
+        &mut self,
+        relayed: &Relayed,
+        upstream: &mut TcpStream,
+        client: &mut TcpStream,
+    ) -> io::Result<bool> {
+        let Lane {
+            out,
+            from_upstream: buffer,
+            ..
+        } = self;
+        let first = &buffer[relayed.body_from..];
+        match relayed.framing {
+            Framing::Empty => {
+                client.write_all(out).await?;
+                Ok(first.is_empty())
+            }
+            Framing::Length(length) => {
+                let available = first.len() as u64;
+                let taken = available.min(length) as usize;
+                out.extend_from_slice(&first[..taken]);
+                client.write_all(out).await?;
+                let mut left = length - taken as u64;
+                let clean = available <= length;
+                while left > 0 {
+                    buffer.clear();
+                    let wanted = left.min(BODY_BUFFER as u64) as usize;
+                    buffer.reserve(wanted);
+                    let read = upstream
+                        .read_buf(&mut bytes::BufMut::limit(&mut *buffer, wanted))
+                        .await?;
+                    if read == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    client.write_all(buffer).await?;
+                    left -= read as u64;
+                }
+                Ok(clean)
+            }
+            Framing::Chunked => {
+                let mut chunks = Chunks::Size;
+                let mut consumed = relayed.body_from;
+                loop {
+                    let done = chunks.relay(buffer, &mut consumed, out)?;
+                    client.write_all(out).await?;
+                    out.clear();
+                    if done {
+                        return Ok(consumed == buffer.len());
+                    }
+                    buffer.drain(..consumed);
+                    consumed = 0;
+                    if buffer.len() > MAX_CHUNK_LINE {
+                        return Err(io::ErrorKind::InvalidData.into());
+                    }
+                    buffer.reserve(BODY_BUFFER);
+                    if upstream.read_buf(buffer).await? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            }
+            Framing::UntilClose => {
+                out.extend_from_slice(first);
+                client.write_all(out).await?;
+                loop {
+                    buffer.clear();
+                    buffer.reserve(BODY_BUFFER);
+                    if upstream.read_buf(buffer).await? == 0 {
+                        return Ok(false);
+                    }
+                    client.write_all(buffer).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the client closes its connection, as hyper notices while a request is under
+/// way. Bytes of a next (pipelined) request are left for later, and then nothing resolves.
+async fn gone(client: &TcpStream) {
+    let mut probe = [0u8; 1];
+    match client.peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+async fn connect(client: &UpstreamClient, authority: &Authority) -> Result<TcpStream, Failed> {
+    client
+        .plain_connection(authority)
+        .await
+        .map_err(|err| Failed::Unavailable(err.to_string()))
+}
+
+/// Reads the upstream's answer up to the end of its head, skipping interim (1xx) answers, and
+/// writes the head the client gets into `out`.
+async fn read_response_head(
+    upstream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    head_only: bool,
+    request_id: &HeaderValue,
+    draining: bool,
+) -> Result<Relayed, Failed> {
+    let malformed = |why: &str| Failed::Unavailable(format!("the upstream's answer {why}"));
+    buffer.clear();
+    loop {
+        let parsed = {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(buffer) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let code = response.code.unwrap_or_default();
+                    if (100..200).contains(&code) && code != 101 {
+                        Some(Err(head_len))
+                    } else {
+                        Some(Ok(rewrite_response_head(
+                            &response, head_len, out, head_only, request_id, draining,
+                        )
+                        .map_err(malformed)?))
+                    }
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return Err(malformed("does not parse as HTTP/1.1")),
+            }
+        };
+        match parsed {
+            Some(Ok(relayed)) => return Ok(relayed),
+            // An interim answer: the final one follows.
+            Some(Err(head_len)) => {
+                buffer.drain(..head_len);
+                continue;
+            }
+            None => {}
+        }
+        if buffer.len() >= MAX_RESPONSE_HEAD {
+            return Err(malformed("has a head over 64 KiB"));
+        }
+        buffer.reserve(BODY_BUFFER);
+        match upstream.read_buf(buffer).await {
+            Ok(0) => return Err(malformed("ended before its head did")),
+            Ok(_) => {}
+            Err(err) => return Err(Failed::Unavailable(err.to_string())),
+        }
+    }
+}
+
+/// The client's copy of a response head: hop-by-hop headers and those `Connection` names
+/// dropped (as `proxy::remove_hop_by_hop` does), the request id set, the framing restated.
+fn rewrite_response_head(
+    response: &httparse::Response<'_, '_>,
+    head_len: usize,
+    out: &mut Vec<u8>,
+    head_only: bool,
+    request_id: &HeaderValue,
+    draining: bool,
+) -> Result<Relayed, &'static str> {
+    let status = response.code.unwrap_or_default();
+    if status == 101 {
+        return Err("switches protocols unasked");
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    let mut has_date = false;
+    let mut names_hop_by_hop = false;
+    let classes = classify_all(response.headers);
+    for (header, class) in response.headers.iter().zip(classes) {
+        match class {
+            Name::ContentLength => {
+                let value = std::str::from_utf8(header.value)
+                    .ok()
+                    .filter(|value| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|value| value.parse::<u64>().ok())
+                    .ok_or("has an unreadable Content-Length")?;
+                if length.is_some_and(|seen| seen != value) {
+                    return Err("has two Content-Lengths");
+                }
+                length = Some(value);
+            }
+            Name::TransferEncoding => {
+                if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err("has a Transfer-Encoding other than chunked");
+                }
+                chunked = true;
+            }
+            Name::Connection => {
+                for token in header.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    let close = token.eq_ignore_ascii_case(b"close");
+                    let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                    connection_close |= close;
+                    connection_keep_alive |= keep_alive;
+                    names_hop_by_hop |= !(close || keep_alive || token.is_empty());
+                }
+            }
+            Name::Date => has_date = true,
+            _ => {}
+        }
+    }
+    if chunked && length.is_some() {
+        return Err("has both Transfer-Encoding and Content-Length");
+    }
+    let no_body = head_only || status == 204 || status == 304;
+    let framing = match (no_body, chunked, length) {
+        (true, _, _) => Framing::Empty,
+        (false, true, _) => Framing::Chunked,
+        (false, false, Some(length)) => Framing::Length(length),
+        (false, false, None) => Framing::UntilClose,
+    };
+    let keeps_alive = match response.version {
+        Some(1) => !connection_close,
+        _ => connection_keep_alive && !connection_close,
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse takes exactly three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+    out.push(b' ');
+    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (header, class) in response.headers.iter().zip(classes) {
+        let kept = match class {
+            Name::Connection | Name::HopByHop | Name::TransferEncoding | Name::RequestId => false,
+            Name::ContentLength => true,
+            _ => !(names_hop_by_hop && named_by_connection(response.headers, header.name)),
+        };
+        if kept {
+            push_header(out, header.name.as_bytes(), header.value);
+        }
+    }
+    push_header(out, b"x-request-id", request_id.as_bytes());
+    if matches!(framing, Framing::Chunked) {
+        push_header(out, b"transfer-encoding", b"chunked");
+    }
+    if matches!(framing, Framing::UntilClose) || draining {
+        push_header(out, b"connection", b"close");
+    }
+    if !has_date {
+        push_header(out, b"date", now_as_http_date().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Relayed {
+        status,
+        framing,
+        body_from: head_len,
+        reusable: keeps_alive && !matches!(framing, Framing::UntilClose),
+    })
+}
+
+/// True when a `Connection` header of `headers` names `name`.
+fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|header| header.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|header| header.value.split(|b| *b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+fn now_as_http_date() -> String {
+    httpdate::fmt_http_date(std::time::SystemTime::now())
+}
+
+/// One of the gateway's own JSON answers, as `server::handle` sends it. Returns its status.
+fn write_error(out: &mut Vec<u8>, error: Error, request_id: &HeaderValue, closing: bool) -> u16 {
+    let response: Response<Bytes> = error.into_whole_response();
+    let status = response.status();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in response.headers() {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_header(out, b"x-request-id", request_id.as_bytes());
+    push_header(
+        out,
+        b"content-length",
+        response.body().len().to_string().as_bytes(),
+    );
+    push_header(out, b"date", now_as_http_date().as_bytes());
+    if closing {
+        push_header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(response.body());
+    status.as_u16()
+}
+
+/// Where a chunked body is (RFC 9112 §7.1). Chunks pass through with their sizes; chunk
+/// extensions and trailers are dropped, as hyper drops them.
+enum Chunks {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+impl Chunks {
+    /// Relays what `buffer` holds from `consumed` on into `out`, moving `consumed` past it.
+    /// True once the last chunk and the trailers have passed.
+    fn relay(
+        &mut self,
+        buffer: &[u8],
+        consumed: &mut usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<bool> {
+        let invalid = || io::Error::from(io::ErrorKind::InvalidData);
+        loop {
+            let rest = &buffer[*consumed..];
+            match self {
+                Chunks::Size => match httparse::parse_chunk_size(rest).map_err(|_| invalid())? {
+                    httparse::Status::Complete((used, 0)) => {
+                        *consumed += used;
+                        *self = Chunks::Trailers;
+                    }
+                    httparse::Status::Complete((used, size)) => {
+                        *consumed += used;
+                        out.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+                        *self = Chunks::Data(size);
+                    }
+                    httparse::Status::Partial => return Ok(false),
+                },
+                Chunks::Data(left) => {
+                    let taken = (*left).min(rest.len() as u64) as usize;
+                    out.extend_from_slice(&rest[..taken]);
+                    *consumed += taken;
+                    *left -= taken as u64;
+                    if *left > 0 {
+                        return Ok(false);
+                    }
+                    *self = Chunks::DataEnd;
+                }
+                Chunks::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(false);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(invalid());
+                    }
+                    *consumed += 2;
+                    out.extend_from_slice(b"\r\n");
+                    *self = Chunks::Size;
+                }
+                Chunks::Trailers => {
+                    let Some(end) = rest.windows(2).position(|pair| pair == b"\r\n") else {
+                        return Ok(false);
+                    };
+                    *consumed += end + 2;
+                    if end == 0 {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hop_by_hop_header_of_the_proxy_is_hop_by_hop_here() {
+        for name in crate::proxy::HOP_BY_HOP.iter() {
+            let upper = name.as_str().to_ascii_uppercase();
+            for spelling in [name.as_str(), upper.as_str()] {
+                assert!(
+                    matches!(
+                        classify(spelling),
+                        Name::Connection | Name::TransferEncoding | Name::HopByHop
+                    ),
+                    "{spelling}"
+                );
+            }
+        }
+        assert!(classify("X-Request-ID") == Name::RequestId);
+        assert!(classify("content-type") == Name::Other);
+        assert!(classify("x-wx-openid") == Name::Other);
+    }
+
+    /// Relays `body` fed in pieces of `piece` bytes, as reads from the upstream would bring it.
+    fn relay_in_pieces(body: &[u8], piece: usize) -> io::Result<(Vec<u8>, usize)> {
+        let mut chunks = Chunks::Size;
+        let (mut buffer, mut out) = (Vec::new(), Vec::new());
+        for bytes in body.chunks(piece) {
+            buffer.extend_from_slice(bytes);
+            let mut consumed = 0;
+            let done = chunks.relay(&buffer, &mut consumed, &mut out)?;
+            buffer.drain(..consumed);
+            if done {
+                return Ok((out, buffer.len()));
+            }
+        }
+        Err(io::ErrorKind::UnexpectedEof.into())
+    }
+
+    #[test]
+    fn chunks_pass_whole_however_they_arrive() {
+        let body = b"5;name=value\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
+        let expected = b"5\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n";
+        for piece in 1..=body.len() {
+            let (out, left) = relay_in_pieces(body, piece).unwrap();
+            assert_eq!(out, expected, "in pieces of {piece}");
+            // What follows the body is not part of it.
+            assert!(left <= 4, "in pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for body in [
+            &b"5\r\nhelloXX0\r\n\r\n"[..],
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffffffff\r\n",
+        ] {
+            assert!(relay_in_pieces(body, body.len()).is_err(), "{body:?}");
+        }
+    }
+}

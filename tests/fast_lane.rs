@@ -1,0 +1,344 @@
+//! The fast lane (`server::fast_lane`): plain keep-alive requests without a body are relayed
+//! on plain sockets, with the upstream's framing checked; anything else on the same connection
+//! is handed to hyper in order. The lane keeps header names as the client spelled them and
+//! hyper lower-cases them, which is how these tests tell which of the two carried a request.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::{Harness, Setup, read_answer, read_answers};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream that answers each request with the canned answer its last path segment names,
+/// and keeps every request head it read.
+struct Scripted {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    connections: Arc<Mutex<usize>>,
+}
+
+const BIG_LEN: usize = 200_000;
+
+fn canned(name: &str) -> (Vec<u8>, bool) {
+    let answer: &[u8] = match name {
+        "chunked" => {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        }
+        // HTTP/1.0 without a length: the body ends when the upstream closes.
+        "close" => b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        "te-and-cl" => {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+        }
+        "two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        "interim" => {
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        }
+        "empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "hop" => {
+            b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: secret\r\n\
+              X-Request-Id: upstream-chosen\r\nContent-Length: 2\r\n\r\nok"
+        }
+        "big" => {
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_LEN}\r\n\r\n").into_bytes();
+            answer.extend(common::pattern(BIG_LEN));
+            return (answer, false);
+        }
+        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    };
+    (answer.to_vec(), name == "close")
+}
+
+impl Scripted {
+    async fn start() -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(0));
+        let (kept, counted) = (heads.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                *counted.lock().unwrap() += 1;
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let length = head
+                            .lines()
+                            .find_map(|line| {
+                                let (name, value) = line.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        let mut body = vec![0u8; length];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+                        kept.lock().unwrap().push(head);
+                        let (answer, close) = canned(target.rsplit('/').next().unwrap());
+                        if stream.get_mut().write_all(&answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            heads,
+            connections,
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
+}
+
+async fn gateway_before(upstream: &Scripted) -> Harness {
+    Harness::start_with(Setup {
+        sections: format!(
+            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{}\"\nauth = \"public\"\n",
+            upstream.addr
+        ),
+        ..Setup::default()
+    })
+    .await
+}
+
+/// Reads from `stream` until `bytes` holds `end`; everything read.
+async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !bytes.windows(end.len()).any(|window| window == end) {
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(read > 0, "closed before {:?}", String::from_utf8_lossy(end));
+        bytes.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8(bytes).unwrap()
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: gw\r\nX-Spelled-So: 1\r\n\r\n")
+}
+
+#[tokio::test]
+async fn a_chunked_answer_passes_in_its_chunks_and_the_connections_go_on() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    for round in 0..2 {
+        stream
+            .write_all(get("/s/chunked").as_bytes())
+            .await
+            .unwrap();
+        let answer = read_until(&mut stream, b"0\r\n\r\n").await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        // Extensions and trailers stay with the upstream's connection.
+        assert_eq!(
+            body, "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            "round {round}"
+        );
+    }
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 2);
+    assert!(heads[0].contains("X-Spelled-So: 1"), "{}", heads[0]);
+    // One connection each way for both requests: the body's end was found exactly.
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_ended_by_close_is_relayed_and_then_the_client_connection_closes() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(get("/s/close").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "until the end");
+}
+
+#[tokio::test]
+async fn an_answer_framed_two_ways_is_a_502_and_the_gateway_keeps_serving() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    for ambiguous in ["/s/te-and-cl", "/s/two-lengths"] {
+        stream.write_all(get(ambiguous).as_bytes()).await.unwrap();
+        let (status, body) = read_answer(&mut stream).await;
+        assert_eq!(status, 502, "{ambiguous}");
+        assert_eq!(body["error"], "upstream_unavailable", "{ambiguous}");
+    }
+    stream.write_all(get("/s/plain").as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    // Neither connection that carried an ambiguous answer was used again.
+    assert_eq!(upstream.connections(), 3);
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped_and_head_and_204_answers_have_no_body() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(get("/s/interim").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(!answer.contains("103"), "{answer}");
+
+    let (status, _) = {
+        stream.write_all(get("/s/empty").as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, b"\r\n\r\n").await;
+        (answer[9..12].to_string(), answer)
+    };
+    assert_eq!(status, "204");
+    // The answer to HEAD names a length and sends no body: the next answer follows at once.
+    let head = "HEAD /s/plain HTTP/1.1\r\nHost: gw\r\n\r\n";
+    stream
+        .write_all(format!("{head}{}", get("/s/interim")).as_bytes())
+        .await
+        .unwrap();
+    let both = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+    assert!(!both.contains("\r\n\r\nokHTTP"), "{both}");
+}
+
+#[tokio::test]
+async fn headers_the_upstream_names_in_connection_are_dropped_and_the_request_id_is_ours() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /s/hop HTTP/1.1\r\nHost: gw\r\nX-Request-Id: mine-1\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(!head.contains("x-hop"), "{head}");
+    assert!(!head.contains("upstream-chosen"), "{head}");
+    assert!(head.contains("x-request-id: mine-1"), "{head}");
+}
+
+#[tokio::test]
+async fn a_large_answer_streams_through_whole() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(get("/s/big").as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    let head_end = loop {
+        let mut buffer = [0u8; 65536];
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(read > 0);
+        bytes.extend_from_slice(&buffer[..read]);
+        if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    while bytes.len() < head_end + BIG_LEN {
+        let mut buffer = [0u8; 65536];
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(read > 0, "closed after {} bytes", bytes.len() - head_end);
+        bytes.extend_from_slice(&buffer[..read]);
+    }
+    assert_eq!(bytes.len(), head_end + BIG_LEN);
+    assert!(bytes[head_end..] == common::pattern(BIG_LEN)[..]);
+    // The connection is still good for the next request.
+    stream.write_all(get("/s/plain").as_bytes()).await.unwrap();
+    read_until(&mut stream, b"\r\n\r\nok").await;
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_after_a_lane_request_goes_to_hyper_in_order() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // The body looks like a request to the lane's eyes; only its framing says it is not one.
+    let smuggled = "GET /s/smuggled HTTP/1.1\r\nHost: gw\r\n\r\n";
+    let pipelined = format!(
+        "{}POST /s/posted HTTP/1.1\r\nHost: gw\r\nX-Spelled-So: 1\r\nContent-Length: {}\r\n\r\n{smuggled}{}",
+        get("/s/first"),
+        smuggled.len(),
+        get("/s/last"),
+    );
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    let answers = read_until(&mut stream, b"\r\n\r\nokHTTP/1.1 200 OK").await;
+    let rest = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert_eq!(format!("{answers}{rest}").matches(" 200 OK").count(), 3);
+    let heads = upstream.heads();
+    let targets: Vec<&str> = heads
+        .iter()
+        .map(|head| head.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(targets, ["/s/first", "/s/posted", "/s/last"]);
+    // The lane sent the first; hyper (which lower-cases names) the second and, once the
+    // connection went to it, the third.
+    assert!(heads[0].contains("X-Spelled-So: 1"), "{}", heads[0]);
+    assert!(heads[1].contains("x-spelled-so: 1"), "{}", heads[1]);
+}
+
+#[tokio::test]
+async fn identity_spoofed_in_every_spelling_never_passes_the_lane() {
+    let gw = Harness::start().await;
+    let token = gw.token("lane").await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /api/me HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\n\
+         X_WX_OPENID: spoof-1\r\nx-wx-openid: spoof-2\r\nX-Wx-OpenId: spoof-3\r\n\
+         X-WX-UNIONID: spoof-4\r\nx_wx_appid: spoof-5\r\nX-Wx-Anything: spoof-6\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (status, echo) = read_answer(&mut stream).await;
+    assert_eq!(status, 200);
+    let text = echo.to_string();
+    assert!(!text.contains("spoof"), "{text}");
+    assert_eq!(
+        common::echoed_header(&echo, "x-wx-openid"),
+        [wxgate::mock::wechat::MockWechat::openid_for(common::APPID, "lane").as_str()]
+    );
+    // Refusals on the lane are the same JSON answers, and the connection goes on.
+    stream
+        .write_all(b"GET /api/me HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer nonsense\r\n\r\nGET /api/public/../me HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answers = read_answers(&mut stream, 2).await;
+    assert_eq!(answers[0].0, 401);
+    assert_eq!(answers[0].1["error"], "invalid_token");
+    assert_eq!(answers[1].0, 400);
+    assert_eq!(answers[1].1["error"], "bad_path");
+}
