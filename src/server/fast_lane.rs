@@ -124,9 +124,12 @@ pub(super) async fn serve(
                 };
                 deadline.as_mut().reset(wait_until);
                 pending.reserve(HEAD_BUFFER);
+                // `reserve` may make more room than asked: the read stops at the limit.
+                let room = super::MAX_HEADER_BYTES - pending.len();
+                let mut within_limit = bytes::BufMut::limit(&mut pending, room);
                 let read = tokio::select! {
                     biased;
-                    read = stream.read_buf(&mut pending) => read,
+                    read = stream.read_buf(&mut within_limit) => read,
                     () = deadline.as_mut() => {
                         // An idle client goes back to the connection loop, which sheds and
                         // keeps waiting up to `header_timeout`; a stalled head is closed.
@@ -383,6 +386,7 @@ fn write_upstream_head(
     let trusted = proxy::is_trusted(&state.config.server.trusted_proxies, client.peer.ip());
     let drop_authorization =
         route.auth() != AuthMode::Public && !state.config.identity.forward_authorization;
+    // Only a trusted proxy's chain is kept and added to.
     let mut forwarded_for: Vec<u8> = Vec::new();
     let (mut had_proto, mut had_host) = (false, false);
     out.clear();
@@ -427,8 +431,12 @@ fn write_upstream_head(
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    forwarded_for.extend_from_slice(client.peer_ip.as_bytes());
-    push_header(out, b"x-forwarded-for", &forwarded_for);
+    if trusted {
+        forwarded_for.extend_from_slice(client.peer_ip.as_bytes());
+        push_header(out, b"x-forwarded-for", &forwarded_for);
+    } else {
+        push_header(out, b"x-forwarded-for", client.peer_ip.as_bytes());
+    }
     if !(trusted && had_proto) {
         push_header(out, b"x-forwarded-proto", b"http");
     }
