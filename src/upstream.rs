@@ -50,22 +50,34 @@ pub struct UpstreamClient {
     pool: Arc<Pool>,
     /// Connections the fast lane speaks HTTP/1.1 on by itself (`server::fast_lane`): plain
     /// sockets, at a message boundary, that hyper has never seen.
-    plain: Mutex<HashMap<Authority, Vec<IdleSocket>>>,
+    plain: IdleLists<TcpStream>,
 }
 
-struct IdleSocket {
-    stream: TcpStream,
+/// Idle connections by upstream, most recently kept last.
+type IdleLists<T> = Mutex<HashMap<Authority, Vec<Idle<T>>>>;
+
+struct Idle<T> {
+    connection: T,
     since: Instant,
+}
+
+/// Keeps `connection` as the most recent idle one of `authority`, giving up the oldest past
+/// [`MAX_IDLE_PER_UPSTREAM`].
+fn keep_idle<T>(lists: &IdleLists<T>, authority: Authority, connection: T) {
+    let mut lists = lock(lists);
+    let idle = lists.entry(authority).or_default();
+    if idle.len() >= MAX_IDLE_PER_UPSTREAM {
+        idle.remove(0);
+    }
+    idle.push(Idle {
+        connection,
+        since: Instant::now(),
+    });
 }
 
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
-}
-
-struct Idle {
-    sender: SendRequest<UpstreamBody>,
-    since: Instant,
+    idle: IdleLists<SendRequest<UpstreamBody>>,
 }
 
 /// The upstream connection an HTTP/1 client connection keeps for itself. Its requests come
@@ -184,7 +196,7 @@ impl UpstreamClient {
             if let Some(sockets) = plain.get_mut(authority) {
                 while let Some(idle) = sockets.pop() {
                     if now - idle.since < IDLE_TIMEOUT {
-                        found = Some(idle.stream);
+                        found = Some(idle.connection);
                         break;
                     }
                 }
@@ -199,15 +211,7 @@ impl UpstreamClient {
 
     /// Keeps a plain connection, at a message boundary, for the next request to `authority`.
     pub fn keep_plain(&self, authority: Authority, stream: TcpStream) {
-        let mut plain = lock(&self.plain);
-        let sockets = plain.entry(authority).or_default();
-        if sockets.len() >= MAX_IDLE_PER_UPSTREAM {
-            sockets.remove(0);
-        }
-        sockets.push(IdleSocket {
-            stream,
-            since: Instant::now(),
-        });
+        keep_idle(&self.plain, authority, stream);
     }
 }
 
@@ -230,26 +234,17 @@ impl Pool {
         let mut idle = lock(&self.idle);
         let connections = idle.get_mut(authority)?;
         let now = Instant::now();
-        connections.retain(|idle| !idle.sender.is_closed() && now - idle.since < IDLE_TIMEOUT);
+        connections.retain(|idle| !idle.connection.is_closed() && now - idle.since < IDLE_TIMEOUT);
         let ready = connections
             .iter()
-            .rposition(|idle| idle.sender.is_ready())?;
-        Some(connections.remove(ready).sender)
+            .rposition(|idle| idle.connection.is_ready())?;
+        Some(connections.remove(ready).connection)
     }
 
     fn keep(&self, authority: Authority, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
+        if !sender.is_closed() {
+            keep_idle(&self.idle, authority, sender);
         }
-        let mut idle = lock(&self.idle);
-        let connections = idle.entry(authority).or_default();
-        if connections.len() >= MAX_IDLE_PER_UPSTREAM {
-            connections.remove(0);
-        }
-        connections.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
     }
 }
 
