@@ -216,12 +216,9 @@ async fn interim_answers_are_skipped_and_head_and_204_answers_have_no_body() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(!answer.contains("103"), "{answer}");
 
-    let (status, _) = {
-        stream.write_all(get("/s/empty").as_bytes()).await.unwrap();
-        let answer = read_until(&mut stream, b"\r\n\r\n").await;
-        (answer[9..12].to_string(), answer)
-    };
-    assert_eq!(status, "204");
+    stream.write_all(get("/s/empty").as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
     // The answer to HEAD names a length and sends no body: the next answer follows at once.
     let head = "HEAD /s/plain HTTP/1.1\r\nHost: gw\r\n\r\n";
     stream

@@ -85,13 +85,16 @@ pub(super) async fn serve(
     tokio::pin!(deadline);
     let mut head_started = tokio::time::Instant::now();
     let ended = loop {
-        let state = shared.load_full();
+        // Loaded once a whole head is in, not on each turn that waits for bytes: a request
+        // runs start to finish on the state it began with.
+        let mut loaded = None;
         let step = {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut request = httparse::Request::new(&mut headers);
             match request.parse(&pending) {
                 Ok(httparse::Status::Complete(head_len)) => {
-                    match plan(&state, &request, client, &mut lane.out) {
+                    let state: &State = loaded.insert(shared.load_full());
+                    match plan(state, &request, client, &mut lane.out) {
                         Some(plan) => Step::Answer(head_len, plan),
                         None => Step::Handover,
                     }
@@ -144,9 +147,7 @@ pub(super) async fn serve(
             }
             Step::Answer(head_len, plan) => {
                 let draining = *phase.borrow() != Phase::Serving;
-                let answered = lane
-                    .answer(&state, plan, stream, draining, deadline.as_mut())
-                    .await;
+                let answered = lane.answer(plan, stream, draining, deadline.as_mut()).await;
                 pending.drain(..head_len);
                 if !answered || draining {
                     break Ended::Closed;
@@ -181,6 +182,7 @@ const HEAD_TOO_LARGE: &[u8] =
 /// A request the lane has taken: its record, and either the route to forward it to (its
 /// upstream head already written) or the error that answers it.
 struct Plan<'s> {
+    state: &'s State,
     record: Record<'s>,
     request_id: HeaderValue,
     head_only: bool,
@@ -339,6 +341,7 @@ fn plan<'s>(
         route
     });
     Some(Plan {
+        state,
         record,
         request_id,
         head_only,
@@ -484,13 +487,13 @@ impl Lane {
     /// Answers one planned request. False when the client connection cannot go on.
     async fn answer(
         &mut self,
-        state: &State,
         plan: Plan<'_>,
         client: &mut TcpStream,
         draining: bool,
         deadline: Pin<&mut tokio::time::Sleep>,
     ) -> bool {
         let Plan {
+            state,
             mut record,
             request_id,
             head_only,

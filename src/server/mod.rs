@@ -377,7 +377,6 @@ async fn serve_http1<H, F>(
             match served {
                 fast_lane::Ended::Closed => return,
                 fast_lane::Ended::Idle => {
-                    upstream.release();
                     tracing::debug!(%peer, "idle keep-alive connection shed its buffers");
                     if !next_request(&stream, idle_limit, &mut phase, peer).await {
                         return;
