@@ -18,6 +18,10 @@ pub struct IdentityRules {
     exact: Vec<String>,
     /// Normalized prefixes.
     prefixes: Vec<String>,
+    /// The bytes a protected name can start with, in any spelling. Most headers of a request
+    /// (Host, Accept, User-Agent, Authorization) are cleared by their first byte alone, on
+    /// every request.
+    first_bytes: [bool; 256],
     claim_headers: Vec<(String, HeaderName)>,
 }
 
@@ -34,22 +38,41 @@ impl IdentityRules {
         .collect();
         exact.sort();
         exact.dedup();
+        let prefixes: Vec<String> = config
+            .protected_prefixes
+            .iter()
+            .map(|prefix| normalize(prefix))
+            .collect();
+        let mut first_bytes = [false; 256];
+        for normalized in exact.iter().chain(&prefixes) {
+            match normalized.as_bytes().first() {
+                Some(&first) => {
+                    for byte in 0..=u8::MAX {
+                        first_bytes[usize::from(byte)] |= fold(byte) == first;
+                    }
+                }
+                // An empty prefix protects every name.
+                None => first_bytes = [true; 256],
+            }
+        }
         IdentityRules {
             openid: config.openid_header.clone(),
             unionid: config.unionid_header.clone(),
             appid: config.appid_header.clone(),
             exact,
-            prefixes: config
-                .protected_prefixes
-                .iter()
-                .map(|prefix| normalize(prefix))
-                .collect(),
+            prefixes,
+            first_bytes,
             claim_headers: config.claim_headers.clone(),
         }
     }
 
     /// True when `name` belongs to a protected family.
     pub fn is_protected(&self, name: &str) -> bool {
+        if let Some(&first) = name.as_bytes().first()
+            && !self.first_bytes[usize::from(first)]
+        {
+            return false;
+        }
         self.exact
             .iter()
             .any(|protected| same_name(name, protected))
@@ -193,6 +216,40 @@ mod tests {
         let left: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(headers.contains_key("x-other") && headers.contains_key("x-wxy"));
+    }
+
+    #[test]
+    fn protected_names_are_found_in_any_spelling_whatever_letter_starts_them() {
+        let rules = IdentityRules::new(&IdentityConfig {
+            openid_header: HeaderName::from_static("x-wx-openid"),
+            unionid_header: HeaderName::from_static("x-wx-unionid"),
+            appid_header: HeaderName::from_static("x-wx-appid"),
+            protected_prefixes: vec!["_Private-".into()],
+            forward_authorization: false,
+            claim_headers: vec![("uid".into(), HeaderName::from_static("user-id"))],
+        });
+        for name in [
+            "USER-ID",
+            "User_Id",
+            "user-id",
+            "_private-x",
+            "-PRIVATE_y",
+            "X_WX_OPENID",
+        ] {
+            assert!(rules.is_protected(name), "{name}");
+        }
+        for name in ["userid", "Host", "authorization", "private-x", "X-WX"] {
+            assert!(!rules.is_protected(name), "{name}");
+        }
+        let everything = IdentityRules::new(&IdentityConfig {
+            openid_header: HeaderName::from_static("x-wx-openid"),
+            unionid_header: HeaderName::from_static("x-wx-unionid"),
+            appid_header: HeaderName::from_static("x-wx-appid"),
+            protected_prefixes: vec![String::new()],
+            forward_authorization: false,
+            claim_headers: Vec::new(),
+        });
+        assert!(everything.is_protected("Host"));
     }
 
     #[test]

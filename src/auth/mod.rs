@@ -12,7 +12,7 @@ mod verified;
 
 pub use exchange::Exchanges;
 pub use limit::LoginLimiter;
-pub use verified::VerifiedTokens;
+pub use verified::{LastToken, VerifiedTokens};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,22 +89,27 @@ pub fn authorize(
     route: &Route,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<Identity>>, Error> {
-    authorize_bearer(state, route, || bearer_token(headers))
+    authorize_bearer(
+        route,
+        || bearer_token(headers),
+        |token| verify_token(state, token),
+    )
 }
 
-/// [`authorize`], given what finds the request's bearer token: a public route never looks.
+/// [`authorize`], given what finds the request's bearer token (a public route never looks)
+/// and what verifies it.
 pub fn authorize_bearer<'h>(
-    state: &State,
     route: &Route,
-    bearer: impl FnOnce() -> Result<Option<&'h str>, Error>,
+    bearer: impl FnOnce() -> Result<Option<&'h [u8]>, Error>,
+    verify: impl FnOnce(&[u8]) -> Result<Arc<Identity>, Error>,
 ) -> Result<Option<Arc<Identity>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
         AuthMode::Optional => match bearer()? {
             None => return Ok(None),
-            Some(token) => verify_token(state, token)?,
+            Some(token) => verify(token)?,
         },
-        AuthMode::Required => verify_token(state, bearer()?.ok_or(Error::MissingToken)?)?,
+        AuthMode::Required => verify(bearer()?.ok_or(Error::MissingToken)?)?,
     };
     if !route.allows_app(&claims.appid) {
         return Err(Error::ForbiddenApp);
@@ -118,7 +123,27 @@ pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Identity>
     verify_token(state, token)
 }
 
-fn verify_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
+/// [`verify_token`] for a connection that remembers its [`LastToken`]: the token it sent last
+/// is only checked for revocation.
+pub fn verify_remembered(
+    state: &Arc<State>,
+    last: &mut LastToken,
+    token: &[u8],
+) -> Result<Arc<Identity>, Error> {
+    // The app check is not repeated: the remembered token passed it under this same state, so
+    // under the same config.
+    if let Some(identity) = last.recall(state, token)
+        && !state.services.revocations.is_revoked(&identity.sid)
+    {
+        state.services.metrics.count_token_check("ok");
+        return Ok(identity.clone());
+    }
+    let identity = verify_token(state, token)?;
+    last.remember(state, token, &identity);
+    Ok(identity)
+}
+
+fn verify_token(state: &State, token: &[u8]) -> Result<Arc<Identity>, Error> {
     let verified = check_token(state, token);
     let result = match &verified {
         Ok(_) => "ok",
@@ -128,11 +153,13 @@ fn verify_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
     verified
 }
 
-fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
+fn check_token(state: &State, token: &[u8]) -> Result<Arc<Identity>, Error> {
     let identity = match state.verified_tokens.get(token) {
         Some(identity) => identity,
         None => {
-            let identity = Arc::new(state.identity.identity(state.keys.verify(token)?));
+            // `bearer_of` let only ASCII through.
+            let text = std::str::from_utf8(token).map_err(|_| Error::InvalidToken)?;
+            let identity = Arc::new(state.identity.identity(state.keys.verify(text)?));
             state.verified_tokens.insert(token, identity.clone());
             identity
         }
@@ -157,7 +184,7 @@ fn check_token(state: &State, token: &str) -> Result<Arc<Identity>, Error> {
 /// (RFC 7235 §2.1). Another scheme counts as no bearer token. Two `Authorization` headers are
 /// refused: the gateway would check one while whatever reads the request after it (the
 /// upstream, given `forward_authorization`) might believe the other.
-pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Error> {
+pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&[u8]>, Error> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -169,20 +196,18 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Error> {
 }
 
 /// The token of one `Authorization` header value, if it is of the bearer scheme.
-pub fn bearer_of(value: &[u8]) -> Option<&str> {
+pub fn bearer_of(value: &[u8]) -> Option<&[u8]> {
     // What `HeaderValue::to_str` accepts, checked a word at a time instead of byte by byte: a
     // header value holds no control character but tab, so it is visible ASCII exactly when it
     // is ASCII. A token is a few hundred bytes, on every request.
-    let text = value
-        .is_ascii()
-        .then(|| std::str::from_utf8(value).ok())
-        .flatten();
-    text.and_then(|value| value.split_once(' '))
-        .and_then(|(scheme, token)| {
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then_some(token.trim())
-        })
+    if !value.is_ascii() {
+        return None;
+    }
+    let space = value.iter().position(|&byte| byte == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| token.trim_ascii())
 }
 
 /// Reads a JSON body of at most `server.max_body_bytes`: 413 past it, 400 for anything
@@ -289,8 +314,99 @@ mod tests {
                 AUTHORIZATION,
                 HeaderValue::from_bytes(value.as_bytes()).unwrap(),
             );
-            assert_eq!(bearer_token(&headers), Ok(expected), "{value}");
+            assert_eq!(
+                bearer_token(&headers),
+                Ok(expected.map(str::as_bytes)),
+                "{value}"
+            );
         }
+    }
+
+    /// A config with the app `appid`, verifying tokens with no leeway.
+    fn config_with_app(appid: &str) -> crate::Config {
+        let text = format!(
+            r#"
+[[wechat.apps]]
+appid = "{appid}"
+secret = "app-secret"
+
+[token]
+secret = "0123456789abcdef0123456789abcdef"
+leeway = "0s"
+
+[store]
+backend = "memory"
+
+[[routes]]
+path = "/api/"
+upstream = "http://127.0.0.1:3000"
+auth = "required"
+"#
+        );
+        crate::Config::parse(&text, std::path::Path::new("c.toml"), &|_| None).unwrap()
+    }
+
+    fn issue(state: &State, sid: &str) -> (String, crate::token::Claims) {
+        let subject = crate::token::Subject {
+            appid: "wx0000000000000a01",
+            openid: "openid",
+            unionid: None,
+            sid,
+        };
+        state.keys.issue(&subject, Default::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_still_checked_for_revocation() {
+        let shared = State::shared(config_with_app("wx0000000000000a01"))
+            .await
+            .unwrap();
+        let state = shared.load_full();
+        let (token, claims) = issue(&state, "session-1");
+        let mut last = LastToken::default();
+        let identity = verify_remembered(&state, &mut last, token.as_bytes()).unwrap();
+        assert_eq!(identity.sub, "openid");
+        assert!(last.recall(&state, token.as_bytes()).is_some());
+        assert!(last.recall(&state, b"another token").is_none());
+
+        state
+            .services
+            .revocations
+            .insert(&claims.sid, crate::token::unix_now() + 60);
+        assert_eq!(
+            verify_remembered(&state, &mut last, token.as_bytes()).map(|_| ()),
+            Err(Error::TokenRevoked)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_forgotten_by_a_reload_and_at_its_expiry() {
+        let shared = State::shared(config_with_app("wx0000000000000a01"))
+            .await
+            .unwrap();
+        let state = shared.load_full();
+        let (token, mut claims) = issue(&state, "session-2");
+        let mut last = LastToken::default();
+        verify_remembered(&state, &mut last, token.as_bytes()).unwrap();
+
+        // The reload drops the token's app: the token is verified again, and refused.
+        let reloaded = Arc::new(
+            State::new(
+                config_with_app("wx0000000000000b02"),
+                state.services.clone(),
+            )
+            .unwrap(),
+        );
+        assert!(last.recall(&reloaded, token.as_bytes()).is_none());
+        assert_eq!(
+            verify_remembered(&reloaded, &mut last, token.as_bytes()).map(|_| ()),
+            Err(Error::ForbiddenApp)
+        );
+
+        claims.exp = crate::token::unix_now();
+        let expired = Arc::new(state.identity.identity(claims));
+        last.remember(&state, token.as_bytes(), &expired);
+        assert!(last.recall(&state, token.as_bytes()).is_none());
     }
 
     #[test]

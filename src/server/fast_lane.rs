@@ -17,7 +17,9 @@
 //! never read by the lane at all.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 
 use super::shedding::SHED_AFTER;
 use super::{ClientConnection, Phase, Record};
-use crate::auth;
+use crate::auth::{self, LastToken};
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::proxy;
@@ -76,25 +78,35 @@ pub(super) async fn serve(
         upstream: None,
         out: Vec::new(),
         from_upstream: Vec::new(),
+        last_token: LastToken::default(),
     };
-    let mut draining = phase.clone();
-    let drain = draining.wait_for(|phase| *phase != Phase::Serving);
-    tokio::pin!(drain);
-    // One timer for the whole connection, moved to each new deadline.
+    // Two timers for the whole connection, each moved to its next deadline: one for the
+    // client's head, one for the upstream's answer. Each only ever moves later, which the
+    // runtime does with one atomic write; one timer moved back and forth between the two
+    // would be taken out of the timer wheel and put back on every request.
     let deadline = tokio::time::sleep(SHED_AFTER);
     tokio::pin!(deadline);
+    let upstream_deadline = tokio::time::sleep(SHED_AFTER);
+    tokio::pin!(upstream_deadline);
     let mut head_started = tokio::time::Instant::now();
     let ended = loop {
         // Loaded once a whole head is in, not on each turn that waits for bytes: a request
         // runs start to finish on the state it began with.
         let mut loaded = None;
         let step = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&pending) {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut []);
+            match request.parse_with_uninit_headers(&pending, &mut headers) {
                 Ok(httparse::Status::Complete(head_len)) => {
-                    let state: &State = loaded.insert(shared.load_full());
-                    match plan(state, &request, client, &mut lane.out) {
+                    let state: &Arc<State> = loaded.insert(shared.load_full());
+                    match plan(
+                        state,
+                        &request,
+                        &pending,
+                        client,
+                        &mut lane.out,
+                        &mut lane.last_token,
+                    ) {
                         Some(plan) => Step::Answer(head_len, plan),
                         None => Step::Handover,
                     }
@@ -130,6 +142,10 @@ pub(super) async fn serve(
                 // `reserve` may make more room than asked: the read stops at the limit.
                 let room = super::MAX_HEADER_BYTES - pending.len();
                 let mut within_limit = bytes::BufMut::limit(&mut pending, room);
+                // The drain is not watched here, which would cost every request a poll of
+                // it: an idle client is back in the connection loop, which does watch it,
+                // within `SHED_AFTER`, and a head under way is an arriving request, answered
+                // with `Connection: close`.
                 let read = tokio::select! {
                     biased;
                     read = stream.read_buf(&mut within_limit) => read,
@@ -138,7 +154,6 @@ pub(super) async fn serve(
                         // keeps waiting up to `header_timeout`; a stalled head is closed.
                         break if idle { Ended::Idle } else { Ended::Closed };
                     }
-                    _ = drain.as_mut() => break Ended::Closed,
                 };
                 match read {
                     Ok(0) | Err(_) => break Ended::Closed,
@@ -147,7 +162,9 @@ pub(super) async fn serve(
             }
             Step::Answer(head_len, plan) => {
                 let draining = *phase.borrow() != Phase::Serving;
-                let answered = lane.answer(plan, stream, draining, deadline.as_mut()).await;
+                let answered = lane
+                    .answer(plan, stream, draining, upstream_deadline.as_mut())
+                    .await;
                 pending.drain(..head_len);
                 if !answered || draining {
                     break Ended::Closed;
@@ -195,6 +212,7 @@ struct Lane {
     /// What goes out next: the upstream request head, then the client's answer.
     out: Vec<u8>,
     from_upstream: Vec<u8>,
+    last_token: LastToken,
 }
 
 /// The headers the lane tells apart; the rest pass through.
@@ -218,31 +236,36 @@ enum Name {
     Other,
 }
 
-/// The class of a header name, matched case-insensitively: by length first, so that most
-/// names are told apart without looking at a byte. Each header is classified once per message.
+/// The class of a header name, matched case-insensitively. Its length and first letter pick
+/// the one known name it can be, so most names are told apart without comparing them; each
+/// header is classified once per message.
 fn classify(name: &str) -> Name {
     let name = name.as_bytes();
+    let Some(first) = name.first() else {
+        return Name::Other;
+    };
     let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
-    match name.len() {
-        2 if is(b"te") => Name::HopByHop,
-        4 if is(b"host") => Name::Host,
-        4 if is(b"date") => Name::Date,
-        6 if is(b"expect") => Name::Expect,
-        7 if is(b"upgrade") || is(b"trailer") => Name::HopByHop,
-        9 if is(b"forwarded") => Name::Forwarded,
-        10 if is(b"connection") => Name::Connection,
-        10 if is(b"keep-alive") => Name::HopByHop,
-        12 if is(b"x-request-id") => Name::RequestId,
-        13 if is(b"authorization") => Name::Authorization,
-        14 if is(b"content-length") => Name::ContentLength,
-        14 if is(b"http2-settings") => Name::HopByHop,
-        15 if is(b"x-forwarded-for") => Name::ForwardedFor,
-        16 if is(b"x-forwarded-host") => Name::ForwardedHost,
-        16 if is(b"proxy-connection") => Name::HopByHop,
-        17 if is(b"x-forwarded-proto") => Name::ForwardedProto,
-        17 if is(b"transfer-encoding") => Name::TransferEncoding,
-        18 if is(b"proxy-authenticate") => Name::HopByHop,
-        19 if is(b"proxy-authorization") => Name::HopByHop,
+    match (name.len(), first.to_ascii_lowercase()) {
+        (2, b't') if is(b"te") => Name::HopByHop,
+        (4, b'h') if is(b"host") => Name::Host,
+        (4, b'd') if is(b"date") => Name::Date,
+        (6, b'e') if is(b"expect") => Name::Expect,
+        (7, b'u') if is(b"upgrade") => Name::HopByHop,
+        (7, b't') if is(b"trailer") => Name::HopByHop,
+        (9, b'f') if is(b"forwarded") => Name::Forwarded,
+        (10, b'c') if is(b"connection") => Name::Connection,
+        (10, b'k') if is(b"keep-alive") => Name::HopByHop,
+        (12, b'x') if is(b"x-request-id") => Name::RequestId,
+        (13, b'a') if is(b"authorization") => Name::Authorization,
+        (14, b'c') if is(b"content-length") => Name::ContentLength,
+        (14, b'h') if is(b"http2-settings") => Name::HopByHop,
+        (15, b'x') if is(b"x-forwarded-for") => Name::ForwardedFor,
+        (16, b'x') if is(b"x-forwarded-host") => Name::ForwardedHost,
+        (16, b'p') if is(b"proxy-connection") => Name::HopByHop,
+        (17, b'x') if is(b"x-forwarded-proto") => Name::ForwardedProto,
+        (17, b't') if is(b"transfer-encoding") => Name::TransferEncoding,
+        (18, b'p') if is(b"proxy-authenticate") => Name::HopByHop,
+        (19, b'p') if is(b"proxy-authorization") => Name::HopByHop,
         _ => Name::Other,
     }
 }
@@ -269,10 +292,12 @@ struct Seen<'h> {
 /// Decides a parsed request: `None` hands it to hyper. For a request to forward, the upstream
 /// request head is left in `out`.
 fn plan<'s>(
-    state: &'s State,
+    state: &'s Arc<State>,
     request: &httparse::Request<'_, '_>,
+    head: &[u8],
     client: &ClientConnection,
     out: &mut Vec<u8>,
+    last_token: &mut LastToken,
 ) -> Option<Plan<'s>> {
     if request.version != Some(1) {
         return None;
@@ -324,13 +349,21 @@ fn plan<'s>(
     let metrics = &state.services.metrics;
     let head_only = method == Method::HEAD;
     let mut record = Record::begin(metrics, method, path.to_owned(), &request_id);
-    let action = decide(state, checked, &uri, seen.authorization, &mut record);
+    let action = decide(
+        state,
+        checked,
+        &uri,
+        seen.authorization,
+        last_token,
+        &mut record,
+    );
     let action = action.map(|(route, identity)| {
         write_upstream_head(
             out,
             state,
             route,
             request,
+            head,
             &classes,
             &uri,
             identity.as_deref(),
@@ -349,14 +382,15 @@ fn plan<'s>(
     })
 }
 
-type Decision<'s> = (&'s Route, Option<std::sync::Arc<crate::identity::Identity>>);
+type Decision<'s> = (&'s Route, Option<Arc<crate::identity::Identity>>);
 
 /// The checks of the hyper path's `dispatch`, in the same order (SPEC §4).
 fn decide<'s>(
-    state: &'s State,
+    state: &'s Arc<State>,
     checked_path: Result<(), Error>,
     uri: &Uri,
     authorization: Option<&[u8]>,
+    last_token: &mut LastToken,
     record: &mut Record<'s>,
 ) -> Result<Decision<'s>, Error> {
     checked_path?;
@@ -366,8 +400,11 @@ fn decide<'s>(
     if !route.allows_method(&record.method) {
         return Err(Error::MethodNotAllowed);
     }
-    let identity =
-        auth::authorize_bearer(state, route, || Ok(authorization.and_then(auth::bearer_of)))?;
+    let identity = auth::authorize_bearer(
+        route,
+        || Ok(authorization.and_then(auth::bearer_of)),
+        |token| auth::verify_remembered(state, last_token, token),
+    )?;
     Ok((route, identity))
 }
 
@@ -379,6 +416,7 @@ fn write_upstream_head(
     state: &State,
     route: &Route,
     request: &httparse::Request<'_, '_>,
+    head: &[u8],
     classes: &[Name],
     uri: &Uri,
     identity: Option<&crate::identity::Identity>,
@@ -397,6 +435,7 @@ fn write_upstream_head(
     out.push(b' ');
     route.write_upstream_target(uri, out);
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut lines = KeptLines::of(head);
     for (header, &class) in request.headers.iter().zip(classes) {
         // `Host` is read before the identity rules strip anything, as in `proxy::forward`.
         if class != Name::Host && state.identity.is_protected(header.name) {
@@ -426,9 +465,10 @@ fn write_upstream_head(
             Name::Host | Name::ContentLength | Name::Date | Name::Other => true,
         };
         if kept {
-            push_header(out, header.name.as_bytes(), header.value);
+            lines.keep(out, header);
         }
     }
+    lines.flush(out);
     if let Some(identity) = identity {
         for (name, value) in identity.header_pairs() {
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
@@ -448,6 +488,54 @@ fn write_upstream_head(
     }
     push_header(out, b"x-request-id", request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// Copies the kept header lines of a parsed head into an outgoing one, as they arrived: a run
+/// of adjacent kept lines in one copy rather than name, separator, value and line end one by
+/// one. Each run ends in `\r\n` whatever ended it in the head (httparse takes a bare `\n`),
+/// so the upstream and the client only ever see `\r\n`.
+struct KeptLines<'h> {
+    head: &'h [u8],
+    /// The run not copied yet: from a name's first byte to a value's last.
+    run: Option<std::ops::Range<usize>>,
+}
+
+impl<'h> KeptLines<'h> {
+    fn of(head: &'h [u8]) -> KeptLines<'h> {
+        KeptLines { head, run: None }
+    }
+
+    fn keep(&mut self, out: &mut Vec<u8>, header: &httparse::Header<'_>) {
+        let Some(line) = self.line_of(header) else {
+            // Not a line of this head; nothing httparse gives, but a copy is still right.
+            self.flush(out);
+            push_header(out, header.name.as_bytes(), header.value);
+            return;
+        };
+        match &mut self.run {
+            Some(run) if self.head.get(run.end..line.start) == Some(b"\r\n") => run.end = line.end,
+            _ => {
+                self.flush(out);
+                self.run = Some(line);
+            }
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if let Some(run) = self.run.take() {
+            out.extend_from_slice(&self.head[run]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Where `header`'s line sits in the head, found from where its name and value point.
+    fn line_of(&self, header: &httparse::Header<'_>) -> Option<std::ops::Range<usize>> {
+        let base = self.head.as_ptr() as usize;
+        let start = (header.name.as_ptr() as usize).checked_sub(base)?;
+        let end = (header.value.as_ptr() as usize).checked_sub(base)? + header.value.len();
+        let name_end = start + header.name.len();
+        (name_end < end && end <= self.head.len()).then_some(start..end)
+    }
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -717,16 +805,20 @@ async fn read_response_head(
     buffer.clear();
     loop {
         let parsed = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut headers);
-            match response.parse(buffer) {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                buffer,
+                &mut headers,
+            ) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let code = response.code.unwrap_or_default();
                     if (100..200).contains(&code) && code != 101 {
                         Some(Err(head_len))
                     } else {
                         Some(Ok(rewrite_response_head(
-                            &response, head_len, out, head_only, request_id, draining,
+                            &response, buffer, head_len, out, head_only, request_id, draining,
                         )
                         .map_err(malformed)?))
                     }
@@ -760,6 +852,7 @@ async fn read_response_head(
 /// dropped (as `proxy::remove_hop_by_hop` does), the request id set, the framing restated.
 fn rewrite_response_head(
     response: &httparse::Response<'_, '_>,
+    head: &[u8],
     head_len: usize,
     out: &mut Vec<u8>,
     head_only: bool,
@@ -834,6 +927,7 @@ fn rewrite_response_head(
     out.push(b' ');
     out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut lines = KeptLines::of(head);
     for (header, class) in response.headers.iter().zip(classes) {
         let kept = match class {
             Name::Connection | Name::HopByHop | Name::TransferEncoding | Name::RequestId => false,
@@ -841,9 +935,10 @@ fn rewrite_response_head(
             _ => !(names_hop_by_hop && named_by_connection(response.headers, header.name)),
         };
         if kept {
-            push_header(out, header.name.as_bytes(), header.value);
+            lines.keep(out, header);
         }
     }
+    lines.flush(out);
     push_header(out, b"x-request-id", request_id.as_bytes());
     if matches!(framing, Framing::Chunked) {
         push_header(out, b"transfer-encoding", b"chunked");
@@ -977,6 +1072,70 @@ impl Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_names_are_classified_in_any_case_and_their_near_misses_are_not() {
+        for (name, class) in [
+            ("Host", Name::Host),
+            ("DATE", Name::Date),
+            ("x-Request-ID", Name::RequestId),
+            ("Authorization", Name::Authorization),
+            ("content-length", Name::ContentLength),
+            ("X-Forwarded-For", Name::ForwardedFor),
+            ("x-forwarded-host", Name::ForwardedHost),
+            ("X-FORWARDED-PROTO", Name::ForwardedProto),
+            ("Forwarded", Name::Forwarded),
+            ("Expect", Name::Expect),
+        ] {
+            assert!(classify(name) == class, "{name}");
+        }
+        for name in [
+            "Hose",
+            "data",
+            "x-request-ix",
+            "Authorisation",
+            "content-lengths",
+            "",
+        ] {
+            assert!(classify(name) == Name::Other, "{name}");
+        }
+    }
+
+    #[test]
+    fn kept_lines_are_copied_as_they_arrived_with_every_line_ending_in_crlf() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nAccept:\t*/*\nDrop: me\r\nX-A: 1  \r\nX-B:\r\nX-C: 3\r\n\r\n";
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut request = httparse::Request::new(&mut headers);
+        assert!(request.parse(head).unwrap().is_complete());
+        let mut out = Vec::new();
+        let mut lines = KeptLines::of(head);
+        for header in request
+            .headers
+            .iter()
+            .filter(|header| header.name != "Drop")
+        {
+            lines.keep(&mut out, header);
+        }
+        lines.flush(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Host: a\r\nAccept:\t*/*\r\nX-A: 1\r\nX-B:\r\nX-C: 3\r\n"
+        );
+    }
+
+    #[test]
+    fn a_header_from_elsewhere_is_written_out_whole() {
+        let head = b"Host: a\r\n";
+        let elsewhere = httparse::Header {
+            name: "X-Other",
+            value: b"v",
+        };
+        let mut out = Vec::new();
+        let mut lines = KeptLines::of(&head[..]);
+        lines.keep(&mut out, &elsewhere);
+        lines.flush(&mut out);
+        assert_eq!(out, b"X-Other: v\r\n");
+    }
 
     #[test]
     fn every_hop_by_hop_header_of_the_proxy_is_hop_by_hop_here() {
