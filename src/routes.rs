@@ -142,17 +142,16 @@ impl Route {
     /// request path (less the route prefix with `strip_prefix`), then the query unchanged.
     pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Error> {
         let mut target = Vec::with_capacity(self.base_path.len() + uri.path().len() + 64);
-        self.write_upstream_target(uri, &mut target);
+        self.write_upstream_target(uri.path(), uri.query(), &mut target);
         PathAndQuery::from_maybe_shared(bytes::Bytes::from(target))
             .map(Uri::from)
             .map_err(|_| Error::BadPath)
     }
 
-    /// Appends the target of [`Route::upstream_uri`] to `out` without checking it again: it is
-    /// made of a request target hyper's parser accepted and the path of a validated upstream
-    /// URL, and each keeps its characters.
-    pub fn write_upstream_target(&self, uri: &Uri, out: &mut Vec<u8>) {
-        let path = uri.path();
+    /// Appends the target of [`Route::upstream_uri`] for a request's `path` and `query` to `out`
+    /// without checking it again: it is made of a request target `http::Uri` accepts and the
+    /// path of a validated upstream URL, and each keeps its characters.
+    pub fn write_upstream_target(&self, path: &str, query: Option<&str>, out: &mut Vec<u8>) {
         let path = if self.config.strip_prefix {
             match &path[self.prefix.len()..] {
                 "" => "/",
@@ -163,7 +162,7 @@ impl Route {
         };
         out.extend_from_slice(self.base_path.as_bytes());
         out.extend_from_slice(path.as_bytes());
-        if let Some(query) = uri.query() {
+        if let Some(query) = query {
             out.push(b'?');
             out.extend_from_slice(query.as_bytes());
         }

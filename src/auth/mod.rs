@@ -89,27 +89,26 @@ pub fn authorize(
     route: &Route,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<Identity>>, Error> {
-    authorize_bearer(
-        route,
-        || bearer_token(headers),
-        |token| verify_token(state, token),
-    )
+    authorize_bearer(route, || {
+        bearer_token(headers)?
+            .map(|token| verify_token(state, token))
+            .transpose()
+    })
 }
 
-/// [`authorize`], given what finds the request's bearer token (a public route never looks)
-/// and what verifies it.
-pub fn authorize_bearer<'h>(
+/// [`authorize`], given what finds the request's bearer token and verifies it (`Ok(None)`
+/// when there is none): a public route never looks.
+pub fn authorize_bearer(
     route: &Route,
-    bearer: impl FnOnce() -> Result<Option<&'h [u8]>, Error>,
-    verify: impl FnOnce(&[u8]) -> Result<Arc<Identity>, Error>,
+    verified_bearer: impl FnOnce() -> Result<Option<Arc<Identity>>, Error>,
 ) -> Result<Option<Arc<Identity>>, Error> {
     let claims = match route.auth() {
         AuthMode::Public => return Ok(None),
-        AuthMode::Optional => match bearer()? {
+        AuthMode::Optional => match verified_bearer()? {
             None => return Ok(None),
-            Some(token) => verify(token)?,
+            Some(claims) => claims,
         },
-        AuthMode::Required => verify(bearer()?.ok_or(Error::MissingToken)?)?,
+        AuthMode::Required => verified_bearer()?.ok_or(Error::MissingToken)?,
     };
     if !route.allows_app(&claims.appid) {
         return Err(Error::ForbiddenApp);
@@ -123,24 +122,28 @@ pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Identity>
     verify_token(state, token)
 }
 
-/// [`verify_token`] for a connection that remembers its [`LastToken`]: the token it sent last
-/// is only checked for revocation.
+/// The verified bearer token of an `Authorization` value (`Ok(None)` when it holds none), for
+/// a connection that remembers its [`LastToken`]: the value it sent last is only checked for
+/// revocation.
 pub fn verify_remembered(
     state: &Arc<State>,
     last: &mut LastToken,
-    token: &[u8],
-) -> Result<Arc<Identity>, Error> {
+    authorization: &[u8],
+) -> Result<Option<Arc<Identity>>, Error> {
     // The app check is not repeated: the remembered token passed it under this same state, so
     // under the same config.
-    if let Some(identity) = last.recall(state, token)
+    if let Some(identity) = last.recall(state, authorization)
         && !state.services.revocations.is_revoked(&identity.sid)
     {
         state.services.metrics.count_token_check("ok");
-        return Ok(identity.clone());
+        return Ok(Some(identity.clone()));
     }
+    let Some(token) = bearer_of(authorization) else {
+        return Ok(None);
+    };
     let identity = verify_token(state, token)?;
-    last.remember(state, token, &identity);
-    Ok(identity)
+    last.remember(state, authorization, &identity);
+    Ok(Some(identity))
 }
 
 fn verify_token(state: &State, token: &[u8]) -> Result<Arc<Identity>, Error> {
@@ -364,17 +367,22 @@ auth = "required"
         let state = shared.load_full();
         let (token, claims) = issue(&state, "session-1");
         let mut last = LastToken::default();
-        let identity = verify_remembered(&state, &mut last, token.as_bytes()).unwrap();
-        assert_eq!(identity.sub, "openid");
-        assert!(last.recall(&state, token.as_bytes()).is_some());
-        assert!(last.recall(&state, b"another token").is_none());
+        let authorization = format!("Bearer {token}");
+        let identity = verify_remembered(&state, &mut last, authorization.as_bytes()).unwrap();
+        assert_eq!(identity.unwrap().sub, "openid");
+        assert!(last.recall(&state, authorization.as_bytes()).is_some());
+        assert!(last.recall(&state, b"Bearer another").is_none());
+        assert_eq!(
+            verify_remembered(&state, &mut last, b"Basic dXNlcg==").map(|_| ()),
+            Ok(())
+        );
 
         state
             .services
             .revocations
             .insert(&claims.sid, crate::token::unix_now() + 60);
         assert_eq!(
-            verify_remembered(&state, &mut last, token.as_bytes()).map(|_| ()),
+            verify_remembered(&state, &mut last, authorization.as_bytes()).map(|_| ()),
             Err(Error::TokenRevoked)
         );
     }
@@ -386,8 +394,9 @@ auth = "required"
             .unwrap();
         let state = shared.load_full();
         let (token, mut claims) = issue(&state, "session-2");
+        let authorization = format!("Bearer {token}");
         let mut last = LastToken::default();
-        verify_remembered(&state, &mut last, token.as_bytes()).unwrap();
+        verify_remembered(&state, &mut last, authorization.as_bytes()).unwrap();
 
         // The reload drops the token's app: the token is verified again, and refused.
         let reloaded = Arc::new(
@@ -397,16 +406,16 @@ auth = "required"
             )
             .unwrap(),
         );
-        assert!(last.recall(&reloaded, token.as_bytes()).is_none());
+        assert!(last.recall(&reloaded, authorization.as_bytes()).is_none());
         assert_eq!(
-            verify_remembered(&reloaded, &mut last, token.as_bytes()).map(|_| ()),
+            verify_remembered(&reloaded, &mut last, authorization.as_bytes()).map(|_| ()),
             Err(Error::ForbiddenApp)
         );
 
         claims.exp = crate::token::unix_now();
         let expired = Arc::new(state.identity.identity(claims));
-        last.remember(&state, token.as_bytes(), &expired);
-        assert!(last.recall(&state, token.as_bytes()).is_none());
+        last.remember(&state, authorization.as_bytes(), &expired);
+        assert!(last.recall(&state, authorization.as_bytes()).is_none());
     }
 
     #[test]

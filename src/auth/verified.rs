@@ -68,14 +68,14 @@ impl VerifiedTokens {
     }
 }
 
-/// The token a connection presented last, and what verifying it gave.
+/// The `Authorization` value a connection presented last, and what verifying its token gave.
 ///
-/// A client sends the same token on every request of a keep-alive connection. Matching its
-/// bytes here spares the cache lookup, which hashes a few hundred bytes and does the cache's
-/// bookkeeping: some 1,200 instructions, a fourteenth of a proxied request
-/// (`bench/instructions.py`). It answers only under the state that verified the token, so a
-/// reload (new keys, apps or audience) forgets it, and only within the token's life; the
-/// caller still checks revocation on every request.
+/// A client sends the same token on every request of a keep-alive connection. Matching the
+/// value's bytes here spares reading the token out of it and the cache lookup, which hashes a
+/// few hundred bytes and does the cache's bookkeeping: some 1,500 instructions, a tenth of a
+/// proxied request (`bench/instructions.py`). It answers only under the state that verified
+/// the token, so a reload (new keys, apps or audience) forgets it, and only within the token's
+/// life; the caller still checks revocation on every request.
 #[derive(Default)]
 pub struct LastToken(Option<Remembered>);
 
@@ -83,24 +83,25 @@ struct Remembered {
     /// Held, not only compared: a state freed and another made at its address must not pass
     /// for it.
     state: Arc<State>,
-    token: Token,
+    authorization: Box<[u8]>,
     identity: Arc<Identity>,
 }
 
 impl LastToken {
-    /// What `token` verified to under `state`, if it is the one remembered and still alive.
-    pub fn recall(&self, state: &Arc<State>, token: &[u8]) -> Option<&Arc<Identity>> {
+    /// What the token in `authorization` verified to under `state`, if it is the value
+    /// remembered and its token is still alive.
+    pub fn recall(&self, state: &Arc<State>, authorization: &[u8]) -> Option<&Arc<Identity>> {
         let last = self.0.as_ref()?;
         let alive = Arc::ptr_eq(&last.state, state)
-            && *last.token == *token
+            && *last.authorization == *authorization
             && state.verified_tokens.accepts(&last.identity);
         alive.then_some(&last.identity)
     }
 
-    pub fn remember(&mut self, state: &Arc<State>, token: &[u8], identity: &Arc<Identity>) {
+    pub fn remember(&mut self, state: &Arc<State>, authorization: &[u8], identity: &Arc<Identity>) {
         self.0 = Some(Remembered {
             state: state.clone(),
-            token: token.into(),
+            authorization: authorization.into(),
             identity: identity.clone(),
         });
     }

@@ -16,6 +16,7 @@
 //! the connection from there until it next idles. So a request that could be read two ways is
 //! never read by the lane at all.
 
+use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -24,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{HeaderValue, Method, Response, Uri};
+use http::{Method, Response, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::shedding::SHED_AFTER;
-use super::{ClientConnection, Phase, Record};
+use super::{ClientConnection, Phase, Record, RequestId};
 use crate::auth::{self, LastToken};
 use crate::config::AuthMode;
 use crate::error::Error;
@@ -93,29 +94,45 @@ pub(super) async fn serve(
         // Loaded once a whole head is in, not on each turn that waits for bytes: a request
         // runs start to finish on the state it began with.
         let mut loaded = None;
+        // The plan borrows the head from `pending`, so the request is answered within this
+        // block, and only what it came to leaves it: `pending` can then take more bytes.
         let step = {
-            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-            let mut request = httparse::Request::new(&mut []);
-            match request.parse_with_uninit_headers(&pending, &mut headers) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let state: &Arc<State> = loaded.insert(shared.load_full());
-                    match plan(
-                        state,
-                        &request,
-                        &pending,
-                        client,
-                        &mut lane.out,
-                        &mut lane.last_token,
-                    ) {
-                        Some(plan) => Step::Answer(head_len, plan),
-                        None => Step::Handover,
+            let step = {
+                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut request = httparse::Request::new(&mut []);
+                match request.parse_with_uninit_headers(&pending, &mut headers) {
+                    Ok(httparse::Status::Complete(head_len)) => {
+                        let state: &Arc<State> = loaded.insert(shared.load_full());
+                        match plan(
+                            state,
+                            &request,
+                            &pending,
+                            client,
+                            &mut lane.out,
+                            &mut lane.last_token,
+                        ) {
+                            Some(plan) => Step::Answer(head_len, plan),
+                            None => Step::Handover,
+                        }
                     }
+                    Ok(httparse::Status::Partial) if pending.len() < super::MAX_HEADER_BYTES => {
+                        Step::ReadMore
+                    }
+                    Ok(httparse::Status::Partial) => Step::TooLarge,
+                    Err(_) => Step::Handover,
                 }
-                Ok(httparse::Status::Partial) if pending.len() < super::MAX_HEADER_BYTES => {
-                    Step::ReadMore
+            };
+            match step {
+                Step::Answer(head_len, plan) => {
+                    let draining = *phase.borrow() != Phase::Serving;
+                    let answered = lane
+                        .answer(plan, stream, draining, upstream_deadline.as_mut())
+                        .await;
+                    Step::Answer(head_len, answered && !draining)
                 }
-                Ok(httparse::Status::Partial) => Step::TooLarge,
-                Err(_) => Step::Handover,
+                Step::ReadMore => Step::ReadMore,
+                Step::TooLarge => Step::TooLarge,
+                Step::Handover => Step::Handover,
             }
         };
         match step {
@@ -160,16 +177,15 @@ pub(super) async fn serve(
                     Ok(_) => {}
                 }
             }
-            Step::Answer(head_len, plan) => {
-                let draining = *phase.borrow() != Phase::Serving;
-                let answered = lane
-                    .answer(plan, stream, draining, upstream_deadline.as_mut())
-                    .await;
+            Step::Answer(head_len, goes_on) => {
                 pending.drain(..head_len);
-                if !answered || draining {
+                if !goes_on {
                     break Ended::Closed;
                 }
-                head_started = tokio::time::Instant::now();
+                // An empty buffer waits as an idle connection, which takes its own reading.
+                if !pending.is_empty() {
+                    head_started = tokio::time::Instant::now();
+                }
             }
         }
     };
@@ -183,11 +199,13 @@ pub(super) async fn serve(
     ended
 }
 
+/// What a turn of the loop does with the bytes in: answer the request of the first `usize`
+/// of them (with its plan, then with whether the connection goes on), or one of the rest.
 // A step lives on the stack for one turn of the loop; boxing its plan would cost an allocation
 // per request to save nothing.
 #[allow(clippy::large_enum_variant)]
-enum Step<'s> {
-    Answer(usize, Plan<'s>),
+enum Step<A> {
+    Answer(usize, A),
     ReadMore,
     TooLarge,
     Handover,
@@ -201,7 +219,10 @@ const HEAD_TOO_LARGE: &[u8] =
 struct Plan<'s> {
     state: &'s State,
     record: Record<'s>,
-    request_id: HeaderValue,
+    request_id: RequestId<'s>,
+    /// When the whole head was in: the start of the request's record, of the upstream's time
+    /// and of its timeout.
+    arrived: Instant,
     head_only: bool,
     action: Result<&'s Route, Error>,
 }
@@ -293,7 +314,7 @@ struct Seen<'h> {
 /// request head is left in `out`.
 fn plan<'s>(
     state: &'s Arc<State>,
-    request: &httparse::Request<'_, '_>,
+    request: &httparse::Request<'_, 's>,
     head: &[u8],
     client: &ClientConnection,
     out: &mut Vec<u8>,
@@ -306,6 +327,7 @@ fn plan<'s>(
     if !target.starts_with('/') {
         return None;
     }
+    let arrived = Instant::now();
     let classes = classify_all(request.headers);
     let mut seen = Seen::default();
     for (header, class) in request.headers.iter().zip(classes) {
@@ -333,9 +355,15 @@ fn plan<'s>(
     if seen.repeated || seen.not_taken {
         return None;
     }
-    // The same parse hyper makes of a request target, so that both read the same path.
-    let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?;
-    let path = uri.path();
+    // The path and query hyper's parse (`http::Uri`) reads, so that both read the same path.
+    let uri;
+    let (path, query, record_path) = match split_plain_target(target) {
+        Some((path, query)) => (path, query, Cow::Borrowed(path)),
+        None => {
+            uri = Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?;
+            (uri.path(), uri.query(), Cow::Owned(uri.path().to_owned()))
+        }
+    };
     let checked = routes::check_path(path);
     if checked.is_ok() && auth::owns_path(state, path) {
         return None;
@@ -348,11 +376,11 @@ fn plan<'s>(
     let request_id = super::request_id(seen.request_id);
     let metrics = &state.services.metrics;
     let head_only = method == Method::HEAD;
-    let mut record = Record::begin(metrics, method, path.to_owned(), &request_id);
+    let mut record = Record::begin(metrics, arrived, method, record_path, &request_id);
     let action = decide(
         state,
         checked,
-        &uri,
+        path,
         seen.authorization,
         last_token,
         &mut record,
@@ -365,11 +393,11 @@ fn plan<'s>(
             request,
             head,
             &classes,
-            &uri,
+            (path, query),
             identity.as_deref(),
             client,
             host,
-            &request_id,
+            request_id.as_bytes(),
         );
         route
     });
@@ -377,8 +405,67 @@ fn plan<'s>(
         state,
         record,
         request_id,
+        arrived,
         head_only,
         action,
+    })
+}
+
+/// The bytes `http::Uri` takes as they are in both the path and the query, and that it does
+/// not treat specially: RFC 3986's unreserved and sub-delims, `:`, `@`, `/` and `%`.
+const PLAIN_TARGET: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        plain[byte] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'/'
+                    | b'%'
+            );
+        byte += 1;
+    }
+    plain
+};
+
+/// The path and query of an origin-form target made only of [`PLAIN_TARGET`] bytes and `?`,
+/// split where `http::Uri` splits them, without its copy of the target. `None` for anything
+/// else (a fragment, quotes, braces, bytes past ASCII, a target too long for `Uri`), which is
+/// left to `Uri`.
+fn split_plain_target(target: &str) -> Option<(&str, Option<&str>)> {
+    // `Uri`'s own limit on a target's length.
+    const URI_MAX_LEN: usize = u16::MAX as usize - 1;
+    if target.len() > URI_MAX_LEN {
+        return None;
+    }
+    let mut query_from = None;
+    for (at, byte) in target.bytes().enumerate() {
+        if byte == b'?' {
+            query_from.get_or_insert(at);
+        } else if !PLAIN_TARGET[usize::from(byte)] {
+            return None;
+        }
+    }
+    Some(match query_from {
+        Some(at) => (&target[..at], Some(&target[at + 1..])),
+        None => (target, None),
     })
 }
 
@@ -388,23 +475,21 @@ type Decision<'s> = (&'s Route, Option<Arc<crate::identity::Identity>>);
 fn decide<'s>(
     state: &'s Arc<State>,
     checked_path: Result<(), Error>,
-    uri: &Uri,
+    path: &str,
     authorization: Option<&[u8]>,
     last_token: &mut LastToken,
     record: &mut Record<'s>,
 ) -> Result<Decision<'s>, Error> {
     checked_path?;
-    let path = uri.path();
     let route = state.routes.find(path).ok_or(Error::NoRoute)?;
     record.route = route.series.clone();
     if !route.allows_method(&record.method) {
         return Err(Error::MethodNotAllowed);
     }
-    let identity = auth::authorize_bearer(
-        route,
-        || Ok(authorization.and_then(auth::bearer_of)),
-        |token| auth::verify_remembered(state, last_token, token),
-    )?;
+    let identity = auth::authorize_bearer(route, || match authorization {
+        Some(value) => auth::verify_remembered(state, last_token, value),
+        None => Ok(None),
+    })?;
     Ok((route, identity))
 }
 
@@ -418,11 +503,11 @@ fn write_upstream_head(
     request: &httparse::Request<'_, '_>,
     head: &[u8],
     classes: &[Name],
-    uri: &Uri,
+    (path, query): (&str, Option<&str>),
     identity: Option<&crate::identity::Identity>,
     client: &ClientConnection,
     host: &[u8],
-    request_id: &HeaderValue,
+    request_id: &[u8],
 ) {
     let trusted = proxy::is_trusted(&state.config.server.trusted_proxies, client.peer.ip());
     let drop_authorization =
@@ -433,7 +518,7 @@ fn write_upstream_head(
     out.clear();
     out.extend_from_slice(request.method.unwrap_or_default().as_bytes());
     out.push(b' ');
-    route.write_upstream_target(uri, out);
+    route.write_upstream_target(path, query, out);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut lines = KeptLines::of(head);
     for (header, &class) in request.headers.iter().zip(classes) {
@@ -486,7 +571,7 @@ fn write_upstream_head(
     if !(trusted && had_host) {
         push_header(out, b"x-forwarded-host", host);
     }
-    push_header(out, b"x-request-id", request_id.as_bytes());
+    push_header(out, b"x-request-id", request_id);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -578,26 +663,33 @@ impl Lane {
         plan: Plan<'_>,
         client: &mut TcpStream,
         draining: bool,
-        deadline: Pin<&mut tokio::time::Sleep>,
+        mut deadline: Pin<&mut tokio::time::Sleep>,
     ) -> bool {
         let Plan {
             state,
             mut record,
             request_id,
+            arrived,
             head_only,
             action,
         } = plan;
+        let request_id = request_id.as_bytes();
         let route = match action {
             Ok(route) => route,
             Err(error) => {
-                record.status = write_error(&mut self.out, error, &request_id, draining);
+                record.status = write_error(&mut self.out, error, request_id, draining);
                 return client.write_all(&self.out).await.is_ok();
             }
         };
-        let started = Instant::now();
+        // The route's timeout and the upstream's time count from the head's arrival rather
+        // than from a clock read of their own: the request goes out a microsecond or two
+        // later, which neither a timeout nor a histogram in milliseconds can tell.
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(arrived) + route.timeout());
         let exchanged = tokio::select! {
             biased;
-            exchanged = self.exchange(state, route, head_only, &request_id, draining, deadline) => {
+            exchanged = self.exchange(state, route, head_only, request_id, draining, deadline) => {
                 exchanged
             }
             // The record keeps its 499, and the upstream connection, with an answer still
@@ -606,7 +698,7 @@ impl Lane {
         };
         route
             .series
-            .observe_upstream(&state.services.metrics, started.elapsed());
+            .observe_upstream(&state.services.metrics, arrived.elapsed());
         let (mut upstream, relayed) = match exchanged {
             Ok(exchanged) => exchanged,
             Err(failed) => {
@@ -623,7 +715,7 @@ impl Lane {
                         Error::UpstreamUnavailable
                     }
                 };
-                record.status = write_error(&mut self.out, error, &request_id, draining);
+                record.status = write_error(&mut self.out, error, request_id, draining);
                 return client.write_all(&self.out).await.is_ok();
             }
         };
@@ -647,13 +739,10 @@ impl Lane {
         state: &State,
         route: &Route,
         head_only: bool,
-        request_id: &HeaderValue,
+        request_id: &[u8],
         draining: bool,
-        mut deadline: Pin<&mut tokio::time::Sleep>,
+        deadline: Pin<&mut tokio::time::Sleep>,
     ) -> Result<(TcpStream, Relayed), Failed> {
-        deadline
-            .as_mut()
-            .reset(tokio::time::Instant::now() + route.timeout());
         let authority = route.upstream_authority();
         let kept = match self.upstream.take() {
             Some((kept_for, socket)) if kept_for == *authority => {
@@ -798,7 +887,7 @@ async fn read_response_head(
     buffer: &mut Vec<u8>,
     out: &mut Vec<u8>,
     head_only: bool,
-    request_id: &HeaderValue,
+    request_id: &[u8],
     draining: bool,
 ) -> Result<Relayed, Failed> {
     let malformed = |why: &str| Failed::Unavailable(format!("the upstream's answer {why}"));
@@ -856,7 +945,7 @@ fn rewrite_response_head(
     head_len: usize,
     out: &mut Vec<u8>,
     head_only: bool,
-    request_id: &HeaderValue,
+    request_id: &[u8],
     draining: bool,
 ) -> Result<Relayed, &'static str> {
     let status = response.code.unwrap_or_default();
@@ -939,7 +1028,7 @@ fn rewrite_response_head(
         }
     }
     lines.flush(out);
-    push_header(out, b"x-request-id", request_id.as_bytes());
+    push_header(out, b"x-request-id", request_id);
     if matches!(framing, Framing::Chunked) {
         push_header(out, b"transfer-encoding", b"chunked");
     }
@@ -972,7 +1061,7 @@ fn now_as_http_date() -> String {
 }
 
 /// One of the gateway's own JSON answers, as `server::handle` sends it. Returns its status.
-fn write_error(out: &mut Vec<u8>, error: Error, request_id: &HeaderValue, closing: bool) -> u16 {
+fn write_error(out: &mut Vec<u8>, error: Error, request_id: &[u8], closing: bool) -> u16 {
     let response: Response<Bytes> = error.into_whole_response();
     let status = response.status();
     out.clear();
@@ -984,7 +1073,7 @@ fn write_error(out: &mut Vec<u8>, error: Error, request_id: &HeaderValue, closin
     for (name, value) in response.headers() {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    push_header(out, b"x-request-id", request_id.as_bytes());
+    push_header(out, b"x-request-id", request_id);
     push_header(
         out,
         b"content-length",
@@ -1099,6 +1188,35 @@ mod tests {
         ] {
             assert!(classify(name) == Name::Other, "{name}");
         }
+    }
+
+    #[test]
+    fn plain_targets_split_where_uri_splits_them() {
+        let characters = (0x21u8..0x7f).map(char::from).chain(['\u{e9}', ' ']);
+        for c in characters {
+            let plain = c.is_ascii() && (PLAIN_TARGET[c as usize] || c == '?');
+            for target in [
+                format!("/{c}"),
+                format!("/a{c}b"),
+                format!("/a?{c}"),
+                format!("/{c}?{c}"),
+                format!("/?{c}?"),
+            ] {
+                match split_plain_target(&target) {
+                    Some((path, query)) => {
+                        let uri: Uri = target.parse().unwrap();
+                        assert_eq!((path, query), (uri.path(), uri.query()), "{target}");
+                    }
+                    None => assert!(!plain, "{target} is left to Uri"),
+                }
+            }
+        }
+        assert_eq!(
+            split_plain_target("/api/v1/users?page=2&sort=-name"),
+            Some(("/api/v1/users", Some("page=2&sort=-name")))
+        );
+        assert_eq!(split_plain_target("/a#fragment"), None);
+        assert_eq!(split_plain_target(&"/a".repeat(40_000)), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The client-facing listener: the accept loop, one task per connection (HTTP/1.1 and h2c),
 //! the request path from path checks to proxying, the access log, and graceful shutdown.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Cursor;
@@ -676,10 +677,12 @@ async fn handle(
     );
     let mut record = Record::begin(
         &state.services.metrics,
+        Instant::now(),
         request.method().clone(),
-        request.uri().path().to_owned(),
+        request.uri().path().to_owned().into(),
         &request_id,
     );
+    let request_id = request_id.to_header_value();
     let result = dispatch(state, request, &client, &request_id, &mut record.route)
         .instrument(record.span.clone())
         .await;
@@ -699,33 +702,31 @@ struct Record<'a> {
     metrics: &'a Metrics,
     started: Instant,
     method: Method,
-    path: String,
+    path: Cow<'a, str>,
     route: Arc<RouteSeries>,
     status: u16,
     span: tracing::Span,
 }
 
 impl Record<'_> {
-    /// Counts the request in flight until the record is dropped.
+    /// Counts the request, which arrived at `started`, in flight until the record is dropped.
     fn begin<'a>(
         metrics: &'a Metrics,
+        started: Instant,
         method: Method,
-        path: String,
-        request_id: &HeaderValue,
+        path: Cow<'a, str>,
+        request_id: &RequestId<'_>,
     ) -> Record<'a> {
         metrics.in_flight.inc();
         Record {
             metrics,
-            started: Instant::now(),
+            started,
             method,
             path,
             route: metrics.no_route.clone(),
             status: CLIENT_CLOSED_REQUEST,
             // Every line logged while answering carries the request id.
-            span: tracing::info_span!(
-                "request",
-                request_id = request_id.to_str().unwrap_or_default()
-            ),
+            span: tracing::info_span!("request", request_id = %request_id),
         }
     }
 }
@@ -795,7 +796,7 @@ async fn dispatch(
 
 /// The client's `X-Request-Id` (`sent`) when it is short and plain (so it can go into logs and
 /// headers as is), else a new one.
-fn request_id(sent: Option<&[u8]>) -> HeaderValue {
+fn request_id(sent: Option<&[u8]>) -> RequestId<'_> {
     if let Some(bytes) = sent {
         let sane = !bytes.is_empty()
             && bytes.len() <= MAX_REQUEST_ID_LEN
@@ -803,13 +804,44 @@ fn request_id(sent: Option<&[u8]>) -> HeaderValue {
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
         if sane {
-            return HeaderValue::from_bytes(bytes).expect("checked to be plain ASCII");
+            return RequestId::Sent(std::str::from_utf8(bytes).expect("checked to be ASCII"));
         }
     }
-    let generated = uuid::Uuid::new_v4();
-    let mut buffer = uuid::Uuid::encode_buffer();
-    HeaderValue::from_str(generated.simple().encode_lower(&mut buffer))
-        .expect("a uuid is a valid header value")
+    let mut generated = [0; uuid::fmt::Simple::LENGTH];
+    uuid::Uuid::new_v4().simple().encode_lower(&mut generated);
+    RequestId::Generated(generated)
+}
+
+/// A request's id, borrowed from the request or made in place: the fast lane writes it into
+/// both heads without an allocation.
+enum RequestId<'a> {
+    Sent(&'a str),
+    Generated([u8; uuid::fmt::Simple::LENGTH]),
+}
+
+impl RequestId<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Sent(sent) => sent.as_bytes(),
+            RequestId::Generated(hex) => hex,
+        }
+    }
+
+    fn to_header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).expect("a request id is plain ASCII")
+    }
+}
+
+/// Written only where a log line takes the id: a generated one is never checked as text.
+impl std::fmt::Display for RequestId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestId::Sent(sent) => f.write_str(sent),
+            RequestId::Generated(hex) => hex
+                .iter()
+                .try_for_each(|&digit| std::fmt::Write::write_char(f, char::from(digit))),
+        }
+    }
 }
 
 /// `wxgate serve`: loads the config, binds the listeners and runs until SIGTERM or SIGINT.
