@@ -116,7 +116,17 @@ impl IdentityRules {
                 Some(other) => set(header, &other.to_string()),
             }
         }
-        Identity { claims, headers }
+        let lines = headers
+            .iter()
+            .flat_map(|(name, value)| [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"])
+            .flatten()
+            .copied()
+            .collect();
+        Identity {
+            claims,
+            headers,
+            lines,
+        }
     }
 }
 
@@ -125,6 +135,9 @@ impl IdentityRules {
 pub struct Identity {
     claims: Claims,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The same headers as lines of an HTTP/1.1 head, made once per verified token rather
+    /// than once per request.
+    lines: Box<[u8]>,
 }
 
 impl Identity {
@@ -135,9 +148,10 @@ impl Identity {
         }
     }
 
-    /// The identity headers, in the order they are set.
-    pub fn header_pairs(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.headers
+    /// The identity headers as lines of an HTTP/1.1 head (`name: value\r\n`), in the order
+    /// they are set.
+    pub fn header_lines(&self) -> &[u8] {
+        &self.lines
     }
 
     /// The identity as response headers, for forward-auth answers.
@@ -269,7 +283,12 @@ mod tests {
             exp: 0,
             extra,
         };
-        let headers = rules.identity(claims).headers();
+        let identity = rules.identity(claims);
+        assert_eq!(
+            identity.header_lines(),
+            b"x-wx-openid: o-alice\r\nx-wx-appid: wx1\r\nx-user-id: 42\r\n"
+        );
+        let headers = identity.headers();
         assert_eq!(headers["x-wx-openid"], "o-alice");
         assert_eq!(headers["x-wx-appid"], "wx1");
         assert_eq!(headers["x-user-id"], "42");

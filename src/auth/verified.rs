@@ -22,9 +22,9 @@ use crate::token::unix_now;
 /// use at once.
 const CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// An entry's bookkeeping beyond its token, its claims and their header values: the cache's
-/// own. The claims and the header values are each no longer than the token that carries them,
-/// which is why the weigher counts the token three times.
+/// An entry's bookkeeping beyond its token, its claims and their headers (as values and as
+/// head lines): the cache's own. The claims and the headers are each about as long as the token
+/// that carries them at most, which is why the weigher counts the token four times.
 const ENTRY_OVERHEAD: usize = 160;
 
 /// A token's bytes: a lookup needs no text, and a connection's token is matched as it came.
@@ -42,7 +42,7 @@ impl VerifiedTokens {
             cache: Cache::builder()
                 .max_capacity(CAPACITY_BYTES)
                 .weigher(|token: &Token, _| {
-                    u32::try_from(token.len() * 3 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+                    u32::try_from(token.len() * 4 + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
                 })
                 .expire_after(UntilExpiry { leeway })
                 // Hashing the token is most of a lookup, and SipHash, the default, takes

@@ -555,9 +555,7 @@ fn write_upstream_head(
     }
     lines.flush(out);
     if let Some(identity) = identity {
-        for (name, value) in identity.header_pairs() {
-            push_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
+        out.extend_from_slice(identity.header_lines());
     }
     if trusted {
         forwarded_for.extend_from_slice(client.peer_ip.as_bytes());
@@ -566,7 +564,7 @@ fn write_upstream_head(
         push_header(out, b"x-forwarded-for", client.peer_ip.as_bytes());
     }
     if !(trusted && had_proto) {
-        push_header(out, b"x-forwarded-proto", b"http");
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
     }
     if !(trusted && had_host) {
         push_header(out, b"x-forwarded-host", host);
@@ -598,7 +596,14 @@ impl<'h> KeptLines<'h> {
             return;
         };
         match &mut self.run {
-            Some(run) if self.head.get(run.end..line.start) == Some(b"\r\n") => run.end = line.end,
+            // Compared byte by byte: two bytes are not worth a call to `memcmp`.
+            Some(run)
+                if line.start == run.end + 2
+                    && self.head[run.end] == b'\r'
+                    && self.head[run.end + 1] == b'\n' =>
+            {
+                run.end = line.end
+            }
             _ => {
                 self.flush(out);
                 self.run = Some(line);
@@ -624,6 +629,7 @@ impl<'h> KeptLines<'h> {
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -687,11 +693,34 @@ impl Lane {
         deadline
             .as_mut()
             .reset(tokio::time::Instant::from_std(arrived) + route.timeout());
+        let authority = route.upstream_authority();
+        let kept = self.kept_upstream(state, authority).await;
+        // Sends the request head in `out` and reads the answer's head; the upstream connection
+        // comes back with the head, its body still to read.
+        let exchange = async {
+            let mut socket = match kept {
+                Some(socket) => socket,
+                None => connect(&state.services.upstream, authority).await?,
+            };
+            socket
+                .write_all(&self.out)
+                .await
+                .map_err(|err| Failed::Unavailable(err.to_string()))?;
+            let relayed = read_response_head(
+                &mut socket,
+                &mut self.from_upstream,
+                &mut self.out,
+                head_only,
+                request_id,
+                draining,
+            )
+            .await?;
+            Ok((socket, relayed))
+        };
         let exchanged = tokio::select! {
             biased;
-            exchanged = self.exchange(state, route, head_only, request_id, draining, deadline) => {
-                exchanged
-            }
+            exchanged = exchange => exchanged,
+            () = deadline => Err(Failed::Timeout),
             // The record keeps its 499, and the upstream connection, with an answer still
             // coming on it, is closed.
             () = gone(client) => return false,
@@ -732,56 +761,18 @@ impl Lane {
         }
     }
 
-    /// Sends the request head in `out` and reads the answer's head, within the route's
-    /// timeout. The upstream connection comes back with the head, its body still to read.
-    async fn exchange(
-        &mut self,
-        state: &State,
-        route: &Route,
-        head_only: bool,
-        request_id: &[u8],
-        draining: bool,
-        deadline: Pin<&mut tokio::time::Sleep>,
-    ) -> Result<(TcpStream, Relayed), Failed> {
-        let authority = route.upstream_authority();
-        let kept = match self.upstream.take() {
+    /// The upstream connection this client used last, when it is to `authority` and still
+    /// open; one to another upstream goes back to the pool.
+    async fn kept_upstream(&mut self, state: &State, authority: &Authority) -> Option<TcpStream> {
+        match self.upstream.take() {
             Some((kept_for, socket)) if kept_for == *authority => {
-                if upstream::still_open(&socket).await {
-                    Some(socket)
-                } else {
-                    None
-                }
+                upstream::still_open(&socket).await.then_some(socket)
             }
             Some((other, socket)) => {
                 state.services.upstream.keep_plain(other, socket);
                 None
             }
             None => None,
-        };
-        let exchange = async {
-            let mut socket = match kept {
-                Some(socket) => socket,
-                None => connect(&state.services.upstream, authority).await?,
-            };
-            socket
-                .write_all(&self.out)
-                .await
-                .map_err(|err| Failed::Unavailable(err.to_string()))?;
-            let relayed = read_response_head(
-                &mut socket,
-                &mut self.from_upstream,
-                &mut self.out,
-                head_only,
-                request_id,
-                draining,
-            )
-            .await?;
-            Ok((socket, relayed))
-        };
-        tokio::select! {
-            biased;
-            exchanged = exchange => exchanged,
-            () = deadline => Err(Failed::Timeout),
         }
     }
 
@@ -867,7 +858,11 @@ impl Lane {
 /// way. Bytes of a next (pipelined) request are left for later, and then nothing resolves.
 async fn gone(client: &TcpStream) {
     let mut probe = [0u8; 1];
-    match client.peek(&mut probe).await {
+    let mut probe = tokio::io::ReadBuf::new(&mut probe);
+    // `poll_peek` waits in the socket's own read slot, as reads do; `peek` would join its list
+    // of waiters, and take and give back its place there on every request.
+    let peeked = std::future::poll_fn(|cx| client.poll_peek(cx, &mut probe)).await;
+    match peeked {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
