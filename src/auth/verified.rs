@@ -27,7 +27,8 @@ const CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
 /// that carries them at most, which is why the weigher counts the token four times.
 const ENTRY_OVERHEAD: usize = 160;
 
-/// A token's bytes: a lookup needs no text, and a connection's token is matched as it came.
+/// A token's bytes: a lookup needs no text; only a token that is not in the cache is read as
+/// text, to be verified.
 type Token = Box<[u8]>;
 
 pub struct VerifiedTokens {
