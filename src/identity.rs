@@ -196,13 +196,18 @@ mod tests {
     use super::*;
 
     fn rules() -> IdentityRules {
+        rules_with("x-wx-", ("uid", "x-user-id"))
+    }
+
+    /// The default identity headers, with one protected prefix and one claim header.
+    fn rules_with(prefix: &str, (claim, header): (&str, &'static str)) -> IdentityRules {
         IdentityRules::new(&IdentityConfig {
             openid_header: HeaderName::from_static("x-wx-openid"),
             unionid_header: HeaderName::from_static("x-wx-unionid"),
             appid_header: HeaderName::from_static("x-wx-appid"),
-            protected_prefixes: vec!["x-wx-".into()],
+            protected_prefixes: vec![prefix.into()],
             forward_authorization: false,
-            claim_headers: vec![("uid".into(), HeaderName::from_static("x-user-id"))],
+            claim_headers: vec![(claim.into(), HeaderName::from_static(header))],
         })
     }
 
@@ -234,14 +239,7 @@ mod tests {
 
     #[test]
     fn protected_names_are_found_in_any_spelling_whatever_letter_starts_them() {
-        let rules = IdentityRules::new(&IdentityConfig {
-            openid_header: HeaderName::from_static("x-wx-openid"),
-            unionid_header: HeaderName::from_static("x-wx-unionid"),
-            appid_header: HeaderName::from_static("x-wx-appid"),
-            protected_prefixes: vec!["_Private-".into()],
-            forward_authorization: false,
-            claim_headers: vec![("uid".into(), HeaderName::from_static("user-id"))],
-        });
+        let rules = rules_with("_Private-", ("uid", "user-id"));
         for name in [
             "USER-ID",
             "User_Id",
@@ -255,14 +253,7 @@ mod tests {
         for name in ["userid", "Host", "authorization", "private-x", "X-WX"] {
             assert!(!rules.is_protected(name), "{name}");
         }
-        let everything = IdentityRules::new(&IdentityConfig {
-            openid_header: HeaderName::from_static("x-wx-openid"),
-            unionid_header: HeaderName::from_static("x-wx-unionid"),
-            appid_header: HeaderName::from_static("x-wx-appid"),
-            protected_prefixes: vec![String::new()],
-            forward_authorization: false,
-            claim_headers: Vec::new(),
-        });
+        let everything = rules_with("", ("uid", "user-id"));
         assert!(everything.is_protected("Host"));
     }
 
