@@ -124,7 +124,7 @@ pub fn require_token(state: &State, headers: &HeaderMap) -> Result<Arc<Identity>
 
 /// The verified bearer token of an `Authorization` value (`Ok(None)` when it holds none), for
 /// a connection that remembers its [`LastToken`]: the value it sent last is only checked for
-/// revocation.
+/// revocation, and only when some session was revoked since it last was.
 pub fn verify_remembered(
     state: &Arc<State>,
     last: &mut LastToken,
@@ -132,17 +132,18 @@ pub fn verify_remembered(
 ) -> Result<Option<Arc<Identity>>, Error> {
     // The app check is not repeated: the remembered token passed it under this same state, so
     // under the same config.
-    if let Some(identity) = last.recall(state, authorization)
-        && !state.services.revocations.is_revoked(&identity.sid)
-    {
+    if let Some(identity) = last.recall(state, authorization) {
         state.services.metrics.count_token_check("ok");
         return Ok(Some(identity.clone()));
     }
     let Some(token) = bearer_of(authorization) else {
         return Ok(None);
     };
+    // Read before `verify_token` asks about revocation, so that a revocation made while it
+    // does moves the version past it.
+    let unrevoked_at = state.services.revocations.version();
     let identity = verify_token(state, token)?;
-    last.remember(state, authorization, &identity);
+    last.remember(state, authorization, &identity, unrevoked_at);
     Ok(Some(identity))
 }
 
@@ -376,14 +377,30 @@ auth = "required"
         let other_scheme = verify_remembered(&state, &mut last, b"Basic dXNlcg==").unwrap();
         assert!(other_scheme.is_none());
 
-        state
-            .services
-            .revocations
-            .insert(&claims.sid, crate::token::unix_now() + 60);
+        let revocations = &state.services.revocations;
+        let until = crate::token::unix_now() + 60;
+        revocations.insert("another-session", until);
+        assert!(last.recall(&state, authorization.as_bytes()).is_some());
+        revocations.insert(&claims.sid, until);
         assert_eq!(
             verify_remembered(&state, &mut last, authorization.as_bytes()).map(|_| ()),
             Err(Error::TokenRevoked)
         );
+    }
+
+    #[tokio::test]
+    async fn a_revocation_after_the_remembered_check_is_seen() {
+        let (state, authorization, claims) = state_and_bearer("session-3").await;
+        let mut last = LastToken::default();
+        let identity = verify_remembered(&state, &mut last, authorization.as_bytes())
+            .unwrap()
+            .unwrap();
+        // The session is revoked between reading the version and finding it not revoked.
+        let revocations = &state.services.revocations;
+        let read_before = revocations.version();
+        revocations.insert(&claims.sid, crate::token::unix_now() + 60);
+        last.remember(&state, authorization.as_bytes(), &identity, read_before);
+        assert!(last.recall(&state, authorization.as_bytes()).is_none());
     }
 
     #[tokio::test]
@@ -408,7 +425,7 @@ auth = "required"
 
         claims.exp = crate::token::unix_now();
         let expired = Arc::new(state.identity.identity(claims));
-        last.remember(&state, authorization.as_bytes(), &expired);
+        last.remember(&state, authorization.as_bytes(), &expired, 0);
         assert!(last.recall(&state, authorization.as_bytes()).is_none());
     }
 

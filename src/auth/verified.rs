@@ -76,7 +76,7 @@ impl VerifiedTokens {
 /// few hundred bytes and does the cache's bookkeeping: some 1,500 instructions, a tenth of a
 /// proxied request (`bench/instructions.py`). It answers only under the state that verified
 /// the token, so a reload (new keys, apps or audience) forgets it, and only within the token's
-/// life; the caller still checks revocation on every request.
+/// life. Revocation is asked again whenever a session was revoked since it last was.
 #[derive(Default)]
 pub struct LastToken(Option<Remembered>);
 
@@ -86,24 +86,46 @@ struct Remembered {
     state: Arc<State>,
     authorization: Box<[u8]>,
     identity: Arc<Identity>,
+    /// The revocations' version read before the session was last found not revoked.
+    unrevoked_at: u64,
 }
 
 impl LastToken {
     /// What the token in `authorization` verified to under `state`, if it is the value
-    /// remembered and its token is still alive.
-    pub fn recall(&self, state: &Arc<State>, authorization: &[u8]) -> Option<&Arc<Identity>> {
-        let last = self.0.as_ref()?;
+    /// remembered, its token is still alive and its session not revoked.
+    pub fn recall(&mut self, state: &Arc<State>, authorization: &[u8]) -> Option<&Arc<Identity>> {
+        let last = self.0.as_mut()?;
         let alive = Arc::ptr_eq(&last.state, state)
             && *last.authorization == *authorization
             && state.verified_tokens.accepts(&last.identity);
-        alive.then_some(&last.identity)
+        if !alive {
+            return None;
+        }
+        let revocations = &state.services.revocations;
+        let version = revocations.version();
+        if version != last.unrevoked_at {
+            if revocations.is_revoked(&last.identity.sid) {
+                return None;
+            }
+            last.unrevoked_at = version;
+        }
+        Some(&last.identity)
     }
 
-    pub fn remember(&mut self, state: &Arc<State>, authorization: &[u8], identity: &Arc<Identity>) {
+    /// Remembers a token verified under `state`, whose session was found not revoked after
+    /// the revocations' version read `unrevoked_at`.
+    pub fn remember(
+        &mut self,
+        state: &Arc<State>,
+        authorization: &[u8],
+        identity: &Arc<Identity>,
+        unrevoked_at: u64,
+    ) {
         self.0 = Some(Remembered {
             state: state.clone(),
             authorization: authorization.into(),
             identity: identity.clone(),
+            unrevoked_at,
         });
     }
 }

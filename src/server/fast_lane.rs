@@ -259,13 +259,14 @@ enum Name {
 
 /// The class of a header name, matched case-insensitively. Its length and first letter pick
 /// the one known name it can be, so most names are told apart without comparing them; each
-/// header is classified once per message.
+/// header is classified once per message. `name` is a token, as httparse leaves every name it
+/// parses.
 fn classify(name: &str) -> Name {
     let name = name.as_bytes();
     let Some(first) = name.first() else {
         return Name::Other;
     };
-    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    let is = |known: &[u8]| token_is(name, known);
     match (name.len(), first.to_ascii_lowercase()) {
         (2, b't') if is(b"te") => Name::HopByHop,
         (4, b'h') if is(b"host") => Name::Host,
@@ -289,6 +290,31 @@ fn classify(name: &str) -> Name {
         (19, b'p') if is(b"proxy-authorization") => Name::HopByHop,
         _ => Name::Other,
     }
+}
+
+/// True when the token `name` is `known` (lowercase letters, digits and `-`) in any case,
+/// compared eight bytes at a time. Setting the 0x20 bit of each byte of a token maps only the
+/// two cases of a letter to one byte: the other bytes it would map onto a digit or `-` are
+/// control characters, which no token holds. `eq_ignore_ascii_case` goes a byte at a time.
+fn token_is(name: &[u8], known: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    let length = name.len();
+    if length != known.len() {
+        return false;
+    }
+    if length < 8 {
+        return name.eq_ignore_ascii_case(known);
+    }
+    let word = |bytes: &[u8], from: usize| {
+        let eight: [u8; 8] = bytes[from..from + 8].try_into().expect("eight bytes");
+        u64::from_le_bytes(eight) | CASE
+    };
+    // Whole words from the start, then one that ends at the last byte, overlapping the one
+    // before it where the length is not a multiple of eight.
+    (0..length - 8)
+        .step_by(8)
+        .chain([length - 8])
+        .all(|from| word(name, from) == word(known, from))
 }
 
 /// The classes of a message's headers, in order.
@@ -1182,6 +1208,41 @@ mod tests {
             "",
         ] {
             assert!(classify(name) == Name::Other, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_known_name_with_any_one_byte_changed_is_known_only_when_the_change_is_of_case() {
+        let token_bytes: Vec<u8> = (0x21u8..0x7f)
+            .filter(|b| !b"\"(),/:;<=>?@[\\]{}".contains(b))
+            .collect();
+        for (known, class) in [
+            ("te", Name::HopByHop),
+            ("host", Name::Host),
+            ("expect", Name::Expect),
+            ("upgrade", Name::HopByHop),
+            ("forwarded", Name::Forwarded),
+            ("connection", Name::Connection),
+            ("keep-alive", Name::HopByHop),
+            ("x-request-id", Name::RequestId),
+            ("authorization", Name::Authorization),
+            ("content-length", Name::ContentLength),
+            ("http2-settings", Name::HopByHop),
+            ("x-forwarded-for", Name::ForwardedFor),
+            ("x-forwarded-host", Name::ForwardedHost),
+            ("x-forwarded-proto", Name::ForwardedProto),
+            ("transfer-encoding", Name::TransferEncoding),
+            ("proxy-authorization", Name::HopByHop),
+        ] {
+            for at in 0..known.len() {
+                for &byte in &token_bytes {
+                    let mut name = known.as_bytes().to_vec();
+                    name[at] = byte;
+                    let name = String::from_utf8(name).expect("ascii");
+                    let same = byte.eq_ignore_ascii_case(&known.as_bytes()[at]);
+                    assert_eq!(classify(&name) == class, same, "{name}");
+                }
+            }
         }
     }
 

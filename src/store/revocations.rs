@@ -8,6 +8,7 @@
 //! accepted. A fixed period taken from the config at start would be wrong after a reload that
 //! lengthens `access_ttl`, and for tokens minted with a longer lifetime (`wxgate token --ttl`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ pub struct Revocations {
     /// Bumped at every revocation, for what must end with a session rather than ask about it
     /// on each request: upgraded connections (see [`Revocations::ended`]).
     changes: watch::Sender<()>,
+    /// Revocations made so far, for what remembers that a session was not revoked: while the
+    /// count stays the same, it still is not (see [`Revocations::version`]).
+    made: AtomicU64,
 }
 
 impl Default for Revocations {
@@ -40,6 +44,7 @@ impl Default for Revocations {
                 .expire_after(UntilListingEnds)
                 .build_with_hasher(RandomState::default()),
             changes: watch::Sender::new(()),
+            made: AtomicU64::new(0),
         }
     }
 }
@@ -47,6 +52,13 @@ impl Default for Revocations {
 impl Revocations {
     pub fn is_revoked(&self, sid: &str) -> bool {
         self.revoked.contains_key(sid)
+    }
+
+    /// Moves on with every revocation. A session found not revoked after reading a version is
+    /// still not revoked while the version reads the same: a listing only ends once its
+    /// session's tokens are no longer accepted anyway.
+    pub fn version(&self) -> u64 {
+        self.made.load(Ordering::Acquire)
     }
 
     /// Refuses `sid`'s tokens until `until` (unix seconds), or longer if it already was.
@@ -57,6 +69,8 @@ impl Revocations {
                 Some(listed) if *listed.value() >= until => Op::Nop,
                 _ => Op::Put(until),
             });
+        // After the listing: a version read before it is then out of date.
+        self.made.fetch_add(1, Ordering::Release);
         self.changes.send_replace(());
     }
 
