@@ -2,7 +2,7 @@
 # The benchmark of SPEC §10 in one command: installs nginx and wrk (Debian) and oha (crates.io)
 # when missing, builds the release binary and the relay it is compared with
 # (examples/relay.rs), then runs bench/bench.py (arguments are passed on: --rounds, --seconds,
-# --idle-connections, --paced-rate).
+# --idle-connections, --paced-rate, --paced-rounds, --paced-seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
