@@ -139,11 +139,11 @@ pub fn verify_remembered(
     let Some(token) = bearer_of(authorization) else {
         return Ok(None);
     };
-    // Read before `verify_token` asks about revocation, so that a revocation made while it
-    // does moves the version past it.
-    let unrevoked_at = state.services.revocations.version();
+    // Taken before `verify_token` asks about revocation, so that a revocation made while it
+    // does is told of.
+    let revocations = state.services.revocations.watch();
     let identity = verify_token(state, token)?;
-    last.remember(state, authorization, &identity, unrevoked_at);
+    last.remember(state, authorization, &identity, revocations);
     Ok(Some(identity))
 }
 
@@ -395,11 +395,11 @@ auth = "required"
         let identity = verify_remembered(&state, &mut last, authorization.as_bytes())
             .unwrap()
             .unwrap();
-        // The session is revoked between reading the version and finding it not revoked.
+        // The session is revoked between taking the watch and finding it not revoked.
         let revocations = &state.services.revocations;
-        let read_before = revocations.version();
+        let taken_before = revocations.watch();
         revocations.insert(&claims.sid, crate::token::unix_now() + 60);
-        last.remember(&state, authorization.as_bytes(), &identity, read_before);
+        last.remember(&state, authorization.as_bytes(), &identity, taken_before);
         assert!(last.recall(&state, authorization.as_bytes()).is_none());
     }
 
@@ -425,7 +425,8 @@ auth = "required"
 
         claims.exp = crate::token::unix_now();
         let expired = Arc::new(state.identity.identity(claims));
-        last.remember(&state, authorization.as_bytes(), &expired, 0);
+        let revocations = state.services.revocations.watch();
+        last.remember(&state, authorization.as_bytes(), &expired, revocations);
         assert!(last.recall(&state, authorization.as_bytes()).is_none());
     }
 

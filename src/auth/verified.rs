@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 use moka::Expiry;
 use moka::sync::Cache;
+use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::state::State;
@@ -86,8 +87,8 @@ struct Remembered {
     state: Arc<State>,
     authorization: Box<[u8]>,
     identity: Arc<Identity>,
-    /// The revocations' version read before the session was last found not revoked.
-    unrevoked_at: u64,
+    /// Marked seen before the session was last found not revoked.
+    revocations: watch::Receiver<()>,
 }
 
 impl LastToken {
@@ -101,31 +102,30 @@ impl LastToken {
         if !alive {
             return None;
         }
-        let revocations = &state.services.revocations;
-        let version = revocations.version();
-        if version != last.unrevoked_at {
-            if revocations.is_revoked(&last.identity.sid) {
+        // Marked before asking: a revocation made while it is asked is still told of next time.
+        if last.revocations.has_changed().unwrap_or(true) {
+            last.revocations.mark_unchanged();
+            if state.services.revocations.is_revoked(&last.identity.sid) {
                 return None;
             }
-            last.unrevoked_at = version;
         }
         Some(&last.identity)
     }
 
     /// Remembers a token verified under `state`, whose session was found not revoked after
-    /// the revocations' version read `unrevoked_at`.
+    /// `revocations` was taken.
     pub fn remember(
         &mut self,
         state: &Arc<State>,
         authorization: &[u8],
         identity: &Arc<Identity>,
-        unrevoked_at: u64,
+        revocations: watch::Receiver<()>,
     ) {
         self.0 = Some(Remembered {
             state: state.clone(),
             authorization: authorization.into(),
             identity: identity.clone(),
-            unrevoked_at,
+            revocations,
         });
     }
 }

@@ -8,7 +8,6 @@
 //! accepted. A fixed period taken from the config at start would be wrong after a reload that
 //! lengthens `access_ttl`, and for tokens minted with a longer lifetime (`wxgate token --ttl`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,11 +27,9 @@ pub struct Revocations {
     /// Revoked sid → until when (unix seconds) a token of its session could be accepted.
     revoked: Cache<String, u64, RandomState>,
     /// Bumped at every revocation, for what must end with a session rather than ask about it
-    /// on each request: upgraded connections (see [`Revocations::ended`]).
+    /// on each request: upgraded connections (see [`Revocations::ended`]), and connections that
+    /// remember their last token (see [`Revocations::watch`]).
     changes: watch::Sender<()>,
-    /// Revocations made so far, for what remembers that a session was not revoked: while the
-    /// count stays the same, it still is not (see [`Revocations::version`]).
-    made: AtomicU64,
 }
 
 impl Default for Revocations {
@@ -44,7 +41,6 @@ impl Default for Revocations {
                 .expire_after(UntilListingEnds)
                 .build_with_hasher(RandomState::default()),
             changes: watch::Sender::new(()),
-            made: AtomicU64::new(0),
         }
     }
 }
@@ -54,11 +50,11 @@ impl Revocations {
         self.revoked.contains_key(sid)
     }
 
-    /// Moves on with every revocation. A session found not revoked after reading a version is
-    /// still not revoked while the version reads the same: a listing only ends once its
-    /// session's tokens are no longer accepted anyway.
-    pub fn version(&self) -> u64 {
-        self.made.load(Ordering::Acquire)
+    /// Tells of every revocation made from now on. A session found not revoked after taking (or
+    /// marking seen) what it tells is still not revoked while it tells of none: a listing
+    /// only ends once its session's tokens are no longer accepted anyway.
+    pub fn watch(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
     }
 
     /// Refuses `sid`'s tokens until `until` (unix seconds), or longer if it already was.
@@ -69,8 +65,6 @@ impl Revocations {
                 Some(listed) if *listed.value() >= until => Op::Nop,
                 _ => Op::Put(until),
             });
-        // After the listing: a version read before it is then out of date.
-        self.made.fetch_add(1, Ordering::Release);
         self.changes.send_replace(());
     }
 
