@@ -1219,8 +1219,10 @@ mod tests {
         for (known, class) in [
             ("te", Name::HopByHop),
             ("host", Name::Host),
+            ("date", Name::Date),
             ("expect", Name::Expect),
             ("upgrade", Name::HopByHop),
+            ("trailer", Name::HopByHop),
             ("forwarded", Name::Forwarded),
             ("connection", Name::Connection),
             ("keep-alive", Name::HopByHop),
@@ -1230,8 +1232,10 @@ mod tests {
             ("http2-settings", Name::HopByHop),
             ("x-forwarded-for", Name::ForwardedFor),
             ("x-forwarded-host", Name::ForwardedHost),
+            ("proxy-connection", Name::HopByHop),
             ("x-forwarded-proto", Name::ForwardedProto),
             ("transfer-encoding", Name::TransferEncoding),
+            ("proxy-authenticate", Name::HopByHop),
             ("proxy-authorization", Name::HopByHop),
         ] {
             for at in 0..known.len() {
