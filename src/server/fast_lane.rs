@@ -29,6 +29,7 @@ use http::{Method, Response, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use super::shedding::SHED_AFTER;
 use super::{ClientConnection, Phase, Record, RequestId};
@@ -81,14 +82,15 @@ pub(super) async fn serve(
         from_upstream: Vec::new(),
         last_token: LastToken::default(),
     };
-    // Two timers for the whole connection, each moved to its next deadline: one for the
-    // client's head, one for the upstream's answer. Each only ever moves later, which the
-    // runtime does with one atomic write; one timer moved back and forth between the two
-    // would be taken out of the timer wheel and put back on every request.
-    let deadline = tokio::time::sleep(SHED_AFTER);
-    tokio::pin!(deadline);
-    let upstream_deadline = tokio::time::sleep(SHED_AFTER);
-    tokio::pin!(upstream_deadline);
+    // Two timers for the whole connection: one for the client's head, one for the upstream's
+    // answer. One timer moved back and forth between the two would be taken out of the timer
+    // wheel and put back on every request.
+    let head_timer = tokio::time::sleep(SHED_AFTER);
+    tokio::pin!(head_timer);
+    let mut deadline = Deadline::of(head_timer);
+    let upstream_timer = tokio::time::sleep(SHED_AFTER);
+    tokio::pin!(upstream_timer);
+    let mut upstream_deadline = Deadline::of(upstream_timer);
     let mut head_started = tokio::time::Instant::now();
     let ended = loop {
         // Loaded once a whole head is in, not on each turn that waits for bytes: a request
@@ -126,7 +128,7 @@ pub(super) async fn serve(
                 Step::Answer(head_len, plan) => {
                     let draining = *phase.borrow() != Phase::Serving;
                     let answered = lane
-                        .answer(plan, stream, draining, upstream_deadline.as_mut())
+                        .answer(plan, stream, draining, &mut upstream_deadline)
                         .await;
                     Step::Answer(head_len, answered && !draining)
                 }
@@ -154,7 +156,7 @@ pub(super) async fn serve(
                 } else {
                     head_started + header_timeout
                 };
-                deadline.as_mut().reset(wait_until);
+                deadline.set(wait_until);
                 pending.reserve(HEAD_BUFFER);
                 // `reserve` may make more room than asked: the read stops at the limit.
                 let room = super::MAX_HEADER_BYTES - pending.len();
@@ -166,7 +168,7 @@ pub(super) async fn serve(
                 let read = tokio::select! {
                     biased;
                     read = stream.read_buf(&mut within_limit) => read,
-                    () = deadline.as_mut() => {
+                    () = deadline.passed() => {
                         // An idle client goes back to the connection loop, which sheds and
                         // keeps waiting up to `header_timeout`; a stalled head is closed.
                         break if idle { Ended::Idle } else { Ended::Closed };
@@ -197,6 +199,44 @@ pub(super) async fn serve(
             .keep_plain(authority, socket);
     }
     ended
+}
+
+/// A deadline moved on every request whose timer is touched only when it fires. Moving a
+/// runtime timer later costs a conversion of the instant into the timer's ticks and an atomic
+/// write; here it is a store. The timer, still armed with an earlier deadline, finds the
+/// current one when it fires and is armed again with it: under load it fires once per
+/// `SHED_AFTER` or route timeout, not once per request.
+struct Deadline<'t> {
+    timer: Pin<&'t mut Sleep>,
+    due: tokio::time::Instant,
+}
+
+impl<'t> Deadline<'t> {
+    fn of(timer: Pin<&'t mut Sleep>) -> Deadline<'t> {
+        let due = timer.deadline();
+        Deadline { timer, due }
+    }
+
+    fn set(&mut self, due: tokio::time::Instant) {
+        // A timer armed later than the new deadline would fire too late, so it is moved
+        // now; one armed earlier fires early, and `passed` arms it again.
+        if due < self.timer.deadline() {
+            self.timer.as_mut().reset(due);
+        }
+        self.due = due;
+    }
+
+    /// Resolves once the deadline last set has passed.
+    async fn passed(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if self.timer.deadline() >= self.due {
+                return;
+            }
+            let due = self.due;
+            self.timer.as_mut().reset(due);
+        }
+    }
 }
 
 /// What a turn of the loop does with the bytes in: answer the request of the first `usize`
@@ -292,10 +332,11 @@ fn classify(name: &str) -> Name {
     }
 }
 
-/// True when the token `name` is `known` (lowercase letters, digits and `-`) in any case,
-/// compared eight bytes at a time. Setting the 0x20 bit of each byte of a token maps only the
-/// two cases of a letter to one byte: the other bytes it would map onto a digit or `-` are
-/// control characters, which no token holds. `eq_ignore_ascii_case` goes a byte at a time.
+/// True when `name` is `known` (lowercase letters, digits and `-`) in any case, compared eight
+/// bytes at a time. `name` holds no control character but tab, as every header name and value
+/// httparse parses. Setting the 0x20 bit of each byte then maps only the two cases of a letter
+/// to one byte: the other bytes it would map onto a digit or `-` are control characters other
+/// than tab. `eq_ignore_ascii_case` goes a byte at a time.
 fn token_is(name: &[u8], known: &[u8]) -> bool {
     const CASE: u64 = 0x2020_2020_2020_2020;
     let length = name.len();
@@ -366,10 +407,7 @@ fn plan<'s>(
             }
             Name::ContentLength => seen.not_taken |= header.value != b"0",
             Name::Connection => {
-                seen.not_taken |= !header
-                    .value
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(b"keep-alive");
+                seen.not_taken |= !token_is(header.value.trim_ascii(), b"keep-alive");
             }
             // A body, or a wish for an interim answer before it.
             Name::TransferEncoding | Name::Expect => seen.not_taken = true,
@@ -654,6 +692,9 @@ impl<'h> KeptLines<'h> {
     }
 }
 
+// Inlined, each call's constant name is copied with a store of its own length rather than
+// through `memcpy`.
+#[inline(always)]
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
@@ -695,7 +736,7 @@ impl Lane {
         plan: Plan<'_>,
         client: &mut TcpStream,
         draining: bool,
-        mut deadline: Pin<&mut tokio::time::Sleep>,
+        deadline: &mut Deadline<'_>,
     ) -> bool {
         let Plan {
             state,
@@ -716,9 +757,7 @@ impl Lane {
         // The route's timeout and the upstream's time count from the head's arrival rather
         // than from a clock read of their own: the request goes out a microsecond or two
         // later, which neither a timeout nor a histogram in milliseconds can tell.
-        deadline
-            .as_mut()
-            .reset(tokio::time::Instant::from_std(arrived) + route.timeout());
+        deadline.set(tokio::time::Instant::from_std(arrived) + route.timeout());
         let authority = route.upstream_authority();
         let kept = self.kept_upstream(state, authority).await;
         // Sends the request head in `out` and reads the answer's head; the upstream connection
@@ -746,7 +785,7 @@ impl Lane {
         let exchanged = tokio::select! {
             biased;
             exchanged = exchange => exchanged,
-            () = deadline => Err(Failed::Timeout),
+            () = deadline.passed() => Err(Failed::Timeout),
             // The record keeps its 499, and the upstream connection, with an answer still
             // coming on it, is closed.
             () = gone(client) => return false,
@@ -791,7 +830,10 @@ impl Lane {
     /// open; one to another upstream goes back to the pool.
     async fn kept_upstream(&mut self, state: &State, authority: &Authority) -> Option<TcpStream> {
         match self.upstream.take() {
-            Some((kept_for, socket)) if kept_for == *authority => {
+            // Byte for byte, where `Authority`'s own `==` ignores case a byte at a time: both
+            // come from the route table, and a kept connection missed over a difference of
+            // case only goes back to the pool.
+            Some((kept_for, socket)) if kept_for.as_str() == authority.as_str() => {
                 upstream::still_open(&socket).await.then_some(socket)
             }
             Some((other, socket)) => {
@@ -1001,8 +1043,8 @@ fn rewrite_response_head(
             }
             Name::Connection => {
                 for token in header.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                    let close = token.eq_ignore_ascii_case(b"close");
-                    let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                    let close = token_is(token, b"close");
+                    let keep_alive = token_is(token, b"keep-alive");
                     connection_close |= close;
                     connection_keep_alive |= keep_alive;
                     names_hop_by_hop |= !(close || keep_alive || token.is_empty());
@@ -1182,6 +1224,59 @@ impl Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    /// A deadline on a paused clock, its timer first armed 50 ms on.
+    async fn with_deadline(check: impl AsyncFnOnce(&mut Deadline<'_>, tokio::time::Instant)) {
+        let start = tokio::time::Instant::now();
+        let timer = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(timer);
+        check(&mut Deadline::of(timer), start).await;
+    }
+
+    async fn advance_to(start: tokio::time::Instant, millis: u64) {
+        let at = start + Duration::from_millis(millis);
+        tokio::time::advance(at - tokio::time::Instant::now()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_moved_later_passes_at_the_last_one_set_and_not_before() {
+        with_deadline(async |deadline, start| {
+            deadline.set(start + Duration::from_millis(80));
+            deadline.set(start + Duration::from_millis(120));
+            advance_to(start, 119).await;
+            assert!(deadline.passed().now_or_never().is_none());
+            advance_to(start, 121).await;
+            assert!(deadline.passed().now_or_never().is_some());
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_moved_earlier_than_its_timer_passes_at_the_earlier_one() {
+        with_deadline(async |deadline, start| {
+            deadline.set(start + Duration::from_millis(10));
+            advance_to(start, 9).await;
+            assert!(deadline.passed().now_or_never().is_none());
+            advance_to(start, 11).await;
+            assert!(deadline.passed().now_or_never().is_some());
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_whose_timer_fired_unwatched_still_waits_for_the_one_set_since() {
+        with_deadline(async |deadline, start| {
+            advance_to(start, 60).await;
+            deadline.set(start + Duration::from_millis(100));
+            assert!(deadline.passed().now_or_never().is_none());
+            advance_to(start, 99).await;
+            assert!(deadline.passed().now_or_never().is_none());
+            advance_to(start, 101).await;
+            assert!(deadline.passed().now_or_never().is_some());
+        })
+        .await;
+    }
 
     #[test]
     fn known_names_are_classified_in_any_case_and_their_near_misses_are_not() {
@@ -1245,6 +1340,24 @@ mod tests {
                     let name = String::from_utf8(name).expect("ascii");
                     let same = byte.eq_ignore_ascii_case(&known.as_bytes()[at]);
                     assert_eq!(classify(&name) == class, same, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_word_one_byte_off_matches_only_when_that_byte_differs_in_case() {
+        // Every byte httparse takes in a header value.
+        let value_bytes: Vec<u8> = (0u8..=255)
+            .filter(|&b| b == b'\t' || (b' '..0x7f).contains(&b) || b >= 0x80)
+            .collect();
+        for known in ["close", "keep-alive"] {
+            for at in 0..known.len() {
+                for &byte in &value_bytes {
+                    let mut word = known.as_bytes().to_vec();
+                    word[at] = byte;
+                    let same = byte.eq_ignore_ascii_case(&known.as_bytes()[at]);
+                    assert_eq!(token_is(&word, known.as_bytes()), same, "{word:?}");
                 }
             }
         }
