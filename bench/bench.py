@@ -8,9 +8,11 @@ the medians are reported. The figure that travels between machines is requests p
 of the proxy process (its utime + stime from /proc), as a ratio to nginx.
 
 "nginx proxy_pass", the baseline of the ratio, is nginx at its best: HTTP/1.1 and a pool of
-keep-alive connections to the upstream, like wxgate's. "nginx proxy_pass, default config" is
-the two-line `location / { proxy_pass …; }` an operator gets without tuning: HTTP/1.0 and a
-new upstream connection per request. "relay, no HTTP" (examples/relay.rs) copies bytes between
+keep-alive connections to the upstream, like wxgate's, sent requests without a token. "nginx
+proxy_pass, same request as wxgate's" is the same nginx sent the required route's request,
+token included, for the ratio of the two proxies at the same work. "nginx proxy_pass, default
+config" is the two-line `location / { proxy_pass …; }` an operator gets without tuning:
+HTTP/1.0 and a new upstream connection per request. "relay, no HTTP" (examples/relay.rs) copies bytes between
 each client and an upstream connection of its own on wxgate's runtime: the same system calls
 as a keep-alive proxy and nothing else, so the most a proxy on that runtime can reach here.
 
