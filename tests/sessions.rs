@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::{Harness, OTHER_APPID, Setup};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use wxgate::store::{Revoked, Rotation, seal};
+use wxgate::auth::refresh_name;
+use wxgate::store::{Revoked, Rotation};
 use wxgate::token::MintRequest;
 
 async fn refresh(gw: &Harness, token: &str) -> (u16, serde_json::Value) {
@@ -67,8 +68,8 @@ async fn a_rotated_token_presented_after_the_window_revokes_the_session() {
     let a_minute_ago = wxgate::token::unix_now() - 60;
     let rotation = store
         .rotate_refresh(
-            seal::name("refresh", stolen.as_bytes()),
-            seal::name("refresh", b"successor-held-by-the-client"),
+            refresh_name(&stolen),
+            refresh_name("successor-held-by-the-client"),
             b"",
             a_minute_ago + 7200,
             a_minute_ago,

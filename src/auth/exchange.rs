@@ -9,6 +9,12 @@
 //! reached WeChat must never be sent again: were it run inside that request, a client hanging
 //! up would cancel the call half-way, and the next caller with the code (the same client,
 //! retrying) would send it again and get `invalid_code`.
+//!
+//! A successful exchange is handed to its callers while its session_key is still being
+//! stored, and each caller waits for that write only when it is about to answer
+//! ([`Exchanged::key_stored`]). A login's own write (its session) is then asked for while the
+//! key's is still queued, and the embedded store usually commits both in one transaction: a
+//! login waits for one commit, not two in a row.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +79,34 @@ struct Settled {
     outcome: Outcome,
     /// How long later callers with the same code get this outcome rather than a new exchange.
     memory: Duration,
+    /// The outcome is a success whose session_key is still being stored. Once stored, this
+    /// turns false; if storing fails, the outcome turns into that failure.
+    storing_key: bool,
+}
+
+/// A successful exchange, as a caller gets it.
+pub struct Exchanged {
+    pub session: Arc<Code2Session>,
+    flight: Flight,
+}
+
+impl Exchanged {
+    /// Waits until the session_key of this exchange is stored. A login answers only after
+    /// this: the key it was given must be there for the open-data calls that follow.
+    pub async fn key_stored(mut self) -> Result<(), Error> {
+        let settled = self
+            .flight
+            .0
+            .wait_for(|settled| settled.as_ref().is_some_and(|settled| !settled.storing_key))
+            .await;
+        match settled {
+            Ok(settled) => settled.as_ref().map_or(Err(Error::Internal), |settled| {
+                settled.outcome.clone().map(drop)
+            }),
+            // The task ended while storing: it panicked, and said why in the log.
+            Err(_) => Err(Error::Internal),
+        }
+    }
 }
 
 impl Flight {
@@ -108,7 +142,12 @@ impl Expiry<seal::Name, Flight> for Remembered {
 impl Exchanges {
     /// What WeChat answered for `code`: from the exchange this call starts, or from the one
     /// already under way or remembered.
-    pub async fn exchange(&self, state: &State, app: &AppConfig, code: &str) -> Outcome {
+    pub async fn exchange(
+        &self,
+        state: &State,
+        app: &AppConfig,
+        code: &str,
+    ) -> Result<Exchanged, Error> {
         let secret = [app.appid.as_bytes(), b"\0", code.as_bytes()].concat();
         let name = seal::name(CODE, &secret);
         let entry = self
@@ -130,14 +169,18 @@ impl Exchanges {
                 Flight(flight)
             })
             .await;
-        let mut flight = entry.into_value().0;
-        match flight.wait_for(Option::is_some).await {
+        let Flight(mut flight) = entry.into_value();
+        let session = match flight.wait_for(Option::is_some).await {
             Ok(settled) => settled
                 .as_ref()
-                .map_or(Err(Error::Internal), |settled| settled.outcome.clone()),
+                .map_or(Err(Error::Internal), |settled| settled.outcome.clone())?,
             // The task ended without settling: it panicked, and said why in the log.
-            Err(_) => Err(Error::Internal),
-        }
+            Err(_) => return Err(Error::Internal),
+        };
+        Ok(Exchanged {
+            session,
+            flight: Flight(flight),
+        })
     }
 }
 
@@ -165,8 +208,16 @@ enum Kept {
 impl Job {
     async fn run(self, settle: watch::Sender<Option<Settled>>, flights: Cache<seal::Name, Flight>) {
         let name = self.name;
-        let settled = self.settle().await;
-        settle.send_replace(Some(settled));
+        let mut settled = self.settle().await;
+        let storing_key = settled.storing_key;
+        settle.send_replace(Some(settled.clone()));
+        // The callers go on with the outcome while the key is stored. The write is asked for
+        // in the same poll that hands the outcome over, so that it is queued ahead of the
+        // writes the callers go on to ask for.
+        if storing_key {
+            self.store_key(&mut settled).await;
+            settle.send_replace(Some(settled));
+        }
         // Re-inserting the entry sets its expiry from the outcome; an entry that is no longer
         // this flight's (evicted, then started again) is left alone.
         let ours = Flight(settle.subscribe());
@@ -199,7 +250,9 @@ impl Job {
             };
             match claim {
                 ExchangeClaim::Mine => {
-                    let settled = self.exchange().await;
+                    let mut settled = self.exchange().await;
+                    // Replicas that open the shared outcome take its key as stored.
+                    self.store_key(&mut settled).await;
                     self.share(&settled).await;
                     return settled;
                 }
@@ -212,15 +265,15 @@ impl Job {
                     return Settled {
                         outcome: Err(Error::WechatTimeout),
                         memory: FAILURE_MEMORY,
+                        storing_key: false,
                     };
                 }
             }
         }
     }
 
-    /// Sends the code to WeChat. A success's session_key is stored at once: WeChat rotated the
-    /// user's key as it answered, whatever becomes of the login (a refused signature, a hook
-    /// that says no), and a remembered exchange, which holds an older key, never stores it.
+    /// Sends the code to WeChat. A success's session_key is to be stored
+    /// ([`Job::store_key`]).
     async fn exchange(&self) -> Settled {
         let outcome = self
             .services
@@ -228,19 +281,34 @@ impl Job {
             .exchange_code(&self.wechat, &self.app, &self.code)
             .await
             .map(Arc::new);
-        if let Ok(session) = &outcome
-            && let Err(err) = self
-                .services
-                .store
-                .put_session_key(&self.app.appid, &session.openid, &session.session_key)
-                .await
-        {
-            return Settled {
-                outcome: Err(store_failed(err)),
-                memory: FAILURE_MEMORY,
-            };
+        let storing_key = outcome.is_ok();
+        Settled {
+            storing_key,
+            ..remembered(outcome)
         }
-        remembered(outcome)
+    }
+
+    /// Stores the session_key of a success whose key is not stored yet. It is stored by this
+    /// task, whatever becomes of the login (a refused signature, a hook that says no, a client
+    /// that hung up): WeChat rotated the user's key as it answered. A remembered exchange,
+    /// which holds an older key, never stores it.
+    async fn store_key(&self, settled: &mut Settled) {
+        if !settled.storing_key {
+            return;
+        }
+        settled.storing_key = false;
+        let Ok(session) = &settled.outcome else {
+            return;
+        };
+        if let Err(err) = self
+            .services
+            .store
+            .put_session_key(&self.app.appid, &session.openid, &session.session_key)
+            .await
+        {
+            settled.outcome = Err(store_failed(err));
+            settled.memory = FAILURE_MEMORY;
+        }
     }
 
     /// Leaves the outcome in the shared store for the replicas waiting on it.
@@ -300,7 +368,11 @@ fn remembered(outcome: Outcome) -> Settled {
         Err(Error::WechatBusy { .. }) => Duration::ZERO,
         Err(_) => FAILURE_MEMORY,
     };
-    Settled { outcome, memory }
+    Settled {
+        outcome,
+        memory,
+        storing_key: false,
+    }
 }
 
 /// A failure of the gateway's own before anything reached WeChat: shared with the callers
@@ -309,5 +381,240 @@ fn forgotten(err: Error) -> Settled {
     Settled {
         outcome: Err(err),
         memory: Duration::ZERO,
+        storing_key: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use futures_util::FutureExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::mock::wechat::MockWechat;
+    use crate::store::{Digest, MemoryStore, Revoked, Rotation, SessionRecord, Store, StoreError};
+
+    const APPID: &str = "wx0000000000000e01";
+
+    /// A memory store that lists the writes asked of it, and holds each session_key write
+    /// until the test lets it through, then fails it if told to.
+    struct HeldKeys {
+        inner: MemoryStore,
+        asked: Mutex<Vec<&'static str>>,
+        release: Semaphore,
+        fail: bool,
+    }
+
+    impl HeldKeys {
+        fn new(fail: bool) -> Arc<HeldKeys> {
+            Arc::new(HeldKeys {
+                inner: MemoryStore::default(),
+                asked: Mutex::new(Vec::new()),
+                release: Semaphore::new(0),
+                fail,
+            })
+        }
+
+        fn asked(&self) -> Vec<&'static str> {
+            self.asked.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Store for HeldKeys {
+        async fn put_session_key(
+            &self,
+            appid: &str,
+            openid: &str,
+            session_key: &Secret,
+        ) -> Result<(), StoreError> {
+            self.asked.lock().unwrap().push("session_key");
+            self.release.acquire().await.unwrap().forget();
+            if self.fail {
+                return Err(StoreError("the disk is full".into()));
+            }
+            self.inner.put_session_key(appid, openid, session_key).await
+        }
+
+        async fn session_key(
+            &self,
+            appid: &str,
+            openid: &str,
+        ) -> Result<Option<Secret>, StoreError> {
+            self.inner.session_key(appid, openid).await
+        }
+
+        async fn create_session(
+            &self,
+            session: &SessionRecord,
+            refresh: Digest,
+            access_until: u64,
+        ) -> Result<(), StoreError> {
+            self.asked.lock().unwrap().push("session");
+            self.inner
+                .create_session(session, refresh, access_until)
+                .await
+        }
+
+        async fn refresh_session(
+            &self,
+            refresh: Digest,
+            now: u64,
+        ) -> Result<Option<SessionRecord>, StoreError> {
+            self.inner.refresh_session(refresh, now).await
+        }
+
+        async fn rotate_refresh(
+            &self,
+            old: Digest,
+            new: Digest,
+            sealed_successor: &[u8],
+            access_until: u64,
+            now: u64,
+        ) -> Result<Rotation, StoreError> {
+            self.inner
+                .rotate_refresh(old, new, sealed_successor, access_until, now)
+                .await
+        }
+
+        async fn revoke_session(&self, sid: &str, until: u64) -> Result<u64, StoreError> {
+            self.inner.revoke_session(sid, until).await
+        }
+
+        async fn revoked_since(&self, cursor: u64) -> Result<(Vec<Revoked>, u64), StoreError> {
+            self.inner.revoked_since(cursor).await
+        }
+
+        async fn claim_exchange(
+            &self,
+            code: Digest,
+            ttl: Duration,
+        ) -> Result<ExchangeClaim, StoreError> {
+            self.inner.claim_exchange(code, ttl).await
+        }
+
+        async fn finish_exchange(
+            &self,
+            code: Digest,
+            sealed_outcome: &[u8],
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.finish_exchange(code, sealed_outcome, ttl).await
+        }
+
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    /// A state whose store is `store`, talking to a mock WeChat of its own.
+    async fn state_with(store: Arc<HeldKeys>) -> (State, Arc<MockWechat>) {
+        let wechat = MockWechat::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap();
+        tokio::spawn(wechat.clone().serve(listener));
+        let text = format!(
+            r#"
+[wechat]
+hosts = ["http://{host}"]
+
+[[wechat.apps]]
+appid = "{APPID}"
+secret = "app-secret"
+
+[token]
+secret = "0123456789abcdef0123456789abcdef"
+
+[store]
+backend = "memory"
+
+[[routes]]
+path = "/api/"
+upstream = "http://127.0.0.1:3000"
+auth = "required"
+"#
+        );
+        let config =
+            crate::Config::parse(&text, std::path::Path::new("c.toml"), &|_| None).unwrap();
+        let services = Services::open(&config).await.unwrap();
+        let services = Arc::new(Services { store, ..services });
+        (State::new(config, services).unwrap(), wechat)
+    }
+
+    fn session(sid: &str) -> SessionRecord {
+        SessionRecord {
+            sid: sid.into(),
+            appid: APPID.into(),
+            openid: "o".into(),
+            unionid: None,
+            claims: serde_json::Map::new(),
+            expires_at: crate::token::unix_now() + 60,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_goes_on_while_the_key_is_stored_and_answers_once_it_is() {
+        let store = HeldKeys::new(false);
+        let (state, _wechat) = state_with(store.clone()).await;
+        let app = &state.config.wechat.apps[0];
+
+        let exchanged = state
+            .services
+            .exchanges
+            .exchange(&state, app, "ivan")
+            .await
+            .unwrap();
+        assert_eq!(
+            exchanged.session.openid,
+            MockWechat::openid_for(APPID, "ivan")
+        );
+        // The key's write was asked for before the caller went on: the caller's own write
+        // comes after it, and may share its commit.
+        assert_eq!(store.asked(), ["session_key"]);
+        store
+            .create_session(&session("s-1"), [1; 32], 0)
+            .await
+            .unwrap();
+        assert_eq!(store.asked(), ["session_key", "session"]);
+
+        let mut stored = Box::pin(exchanged.key_stored());
+        assert!((&mut stored).now_or_never().is_none());
+        store.release.add_permits(1);
+        assert_eq!(stored.await, Ok(()));
+        let kept = state
+            .services
+            .store
+            .session_key(APPID, &MockWechat::openid_for(APPID, "ivan"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            kept.expose(),
+            MockWechat::session_key_for(APPID, "ivan").expose()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_that_cannot_be_stored_fails_the_caller_and_its_retry() {
+        let store = HeldKeys::new(true);
+        let (state, wechat) = state_with(store.clone()).await;
+        let app = &state.config.wechat.apps[0];
+
+        let exchanged = state
+            .services
+            .exchanges
+            .exchange(&state, app, "judy")
+            .await
+            .unwrap();
+        store.release.add_permits(1);
+        assert_eq!(exchanged.key_stored().await, Err(Error::Internal));
+        // The code reached WeChat: a retry gets the failure, and the code is not sent again.
+        let retry = state.services.exchanges.exchange(&state, app, "judy").await;
+        assert_eq!(retry.err(), Some(Error::Internal));
+        assert_eq!(wechat.code2session_calls(), 1);
     }
 }

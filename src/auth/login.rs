@@ -95,11 +95,12 @@ async fn log_in(
             ));
         }
     };
-    let session = state
+    let exchanged = state
         .services
         .exchanges
         .exchange(state, app, &body.code)
         .await?;
+    let session = &*exchanged.session;
 
     let user = sealed
         .map(|sealed| sealed.open(&session.session_key, &app.appid))
@@ -133,7 +134,10 @@ async fn log_in(
     };
     let now = unix_now();
     let record = SessionRecord {
-        sid: uuid::Uuid::new_v4().simple().to_string(),
+        // Time-ordered, so that the embedded store appends each new session to its table
+        // rather than writing into a page picked at random: a login then dirties one page
+        // fewer (README, Performance).
+        sid: uuid::Uuid::now_v7().simple().to_string(),
         appid: app.appid.clone(),
         openid: session.openid.clone(),
         unionid: session.unionid.clone(),
@@ -148,6 +152,10 @@ async fn log_in(
         .create_session(&record, refresh_name, access_until)
         .await
         .map_err(store_failed)?;
+    // Asked for after the session's write, which is then queued behind the key's: both are
+    // usually committed together. Should the key's write fail, the session just written is
+    // never handed out, and ends with its expiry.
+    exchanged.key_stored().await?;
     answer.user = user;
     tracing::info!(appid = %app.appid, openid = %record.openid, sid = %record.sid, "login");
     json_response(StatusCode::OK, &answer)

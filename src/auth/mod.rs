@@ -12,6 +12,7 @@ mod verified;
 
 pub use exchange::Exchanges;
 pub use limit::LoginLimiter;
+pub use refresh::refresh_name;
 pub use verified::{LastToken, VerifiedTokens};
 
 use std::net::SocketAddr;

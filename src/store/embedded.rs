@@ -66,6 +66,9 @@ mod kind {
     pub const REFRESH: u8 = 1;
     pub const REVOKED: u8 = 2;
     pub const EXCHANGE: u8 = 3;
+    /// A new session and its first refresh token, under one entry: their refresh digest, then
+    /// the sid. An entry costs a login as much as a record does, and the two end together.
+    pub const LOGIN: u8 = 4;
 }
 
 /// A session as stored: its record, and how long its access tokens can be accepted. Kept until
@@ -361,6 +364,12 @@ impl<'t> Tables<'t> {
                     self.exchanges.remove(&digest).map_err(failed)?;
                 }
             }
+            kind::LOGIN => {
+                if let Some((refresh, sid)) = key.split_first_chunk::<32>() {
+                    self.remove_if_expired(kind::REFRESH, refresh, now_ms)?;
+                    self.remove_if_expired(kind::SESSION, sid, now_ms)?;
+                }
+            }
             // An index entry no version of this file writes: nothing to remove but itself.
             _ => {}
         }
@@ -422,17 +431,19 @@ impl Store for EmbeddedStore {
             },
             &[],
         )?;
+        let login = [refresh.as_slice(), sid.as_bytes()].concat();
         self.write(move |tables, _| {
             tables
                 .sessions
                 .insert(sid.as_str(), record.as_slice())
                 .map_err(failed)?;
-            tables.expire_at(session_deadline_ms, kind::SESSION, sid.as_bytes())?;
             tables
                 .refresh
                 .insert(&refresh, refresh_entry.as_slice())
                 .map_err(failed)?;
-            tables.expire_at(refresh_deadline_ms, kind::REFRESH, &refresh)
+            // Each is removed once past its own deadline: the later one is when both are.
+            let deadline_ms = session_deadline_ms.max(refresh_deadline_ms);
+            tables.expire_at(deadline_ms, kind::LOGIN, &login)
         })
         .await
     }
