@@ -68,10 +68,39 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct WechatConfig {
-    /// Base URLs without a trailing `/`, tried in order.
-    pub hosts: Vec<String>,
+    /// Tried in order.
+    pub hosts: Vec<WechatHost>,
     pub timeout: Duration,
     pub apps: Vec<AppConfig>,
+}
+
+/// A WeChat API host, as `wechat.hosts` lists it.
+#[derive(Debug, Clone)]
+pub struct WechatHost {
+    /// The base URL, without a trailing `/`.
+    pub base: String,
+    /// code2Session's URL on this host, without its query. Parsed here once: parsing the whole
+    /// URL, query included, cost every login about 29,000 instructions; adding the query to
+    /// this copy costs a few thousand (README, Performance).
+    pub code2session: reqwest::Url,
+}
+
+impl WechatHost {
+    /// `None` when `base` is not a URL a request can be sent to.
+    pub fn new(base: &str) -> Option<WechatHost> {
+        let base = base.trim_end_matches('/');
+        let code2session = reqwest::Url::parse(&format!("{base}/sns/jscode2session")).ok()?;
+        Some(WechatHost {
+            base: base.to_string(),
+            code2session,
+        })
+    }
+}
+
+impl fmt::Display for WechatHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -883,9 +912,16 @@ fn validate_wechat(
     let hosts = hosts
         .iter()
         .enumerate()
-        .map(|(index, host)| {
-            web_url(host, &format!("wechat.hosts[{index}]"), problems);
-            host.trim_end_matches('/').to_string()
+        .filter_map(|(index, host)| {
+            let key = format!("wechat.hosts[{index}]");
+            if !web_url(host, &key, problems) {
+                return None;
+            }
+            let parsed = WechatHost::new(host);
+            if parsed.is_none() {
+                problems.add(key, "is not a URL a request can be sent to");
+            }
+            parsed
         })
         .collect();
     if apps.is_empty() {
@@ -1288,7 +1324,7 @@ fn validate_login_hook(raw: RawLoginHook, problems: &mut Problems) -> LoginHookC
     if url.is_empty() {
         problems.add("login_hook.url", "is required in [login_hook]");
     } else {
-        web_url(&url, "login_hook.url", problems);
+        let _ = web_url(&url, "login_hook.url", problems);
     }
     LoginHookConfig {
         url,
@@ -1487,7 +1523,8 @@ fn upstream_uri(text: &str, key: &str, problems: &mut Problems) -> Uri {
 }
 
 /// An http(s) URL for the gateway's own calls (WeChat, the login hook).
-fn web_url(text: &str, key: &str, problems: &mut Problems) {
+/// Whether `text` is an absolute http(s) URL; when not, says so in `problems`.
+fn web_url(text: &str, key: &str, problems: &mut Problems) -> bool {
     let valid = text.parse::<Uri>().is_ok_and(|uri| {
         matches!(uri.scheme_str(), Some("http" | "https"))
             && uri
@@ -1500,6 +1537,7 @@ fn web_url(text: &str, key: &str, problems: &mut Problems) {
             "must be an absolute http:// or https:// URL, like \"https://api.weixin.qq.com\"",
         );
     }
+    valid
 }
 
 fn socket_addr(text: &str, key: &str, problems: &mut Problems) -> SocketAddr {
@@ -1754,9 +1792,14 @@ timeout = "500ms"
         assert_eq!(proxies, ["10.0.0.0/8", "192.168.1.10/32", "::1/128"]);
 
         let wechat = &config.wechat;
+        let bases: Vec<&str> = wechat.hosts.iter().map(|host| host.base.as_str()).collect();
         assert_eq!(
-            wechat.hosts,
+            bases,
             ["http://127.0.0.1:9999", "https://api2.weixin.qq.com"]
+        );
+        assert_eq!(
+            wechat.hosts[0].code2session.as_str(),
+            "http://127.0.0.1:9999/sns/jscode2session"
         );
         assert_eq!(wechat.timeout, Duration::from_secs(2));
         assert_eq!(wechat.apps.len(), 2);
@@ -1827,8 +1870,14 @@ timeout = "500ms"
         assert_eq!(server.max_body_bytes, 1_048_576);
         assert_eq!(server.shutdown_grace, Duration::from_secs(20));
         assert!(server.trusted_proxies.is_empty());
+        let bases: Vec<&str> = config
+            .wechat
+            .hosts
+            .iter()
+            .map(|host| host.base.as_str())
+            .collect();
         assert_eq!(
-            config.wechat.hosts,
+            bases,
             ["https://api.weixin.qq.com", "https://api2.weixin.qq.com"]
         );
         assert_eq!(config.wechat.timeout, Duration::from_secs(5));

@@ -13,7 +13,7 @@ use reqwest::RequestBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{AppConfig, Secret, WechatConfig};
+use crate::config::{AppConfig, Secret, WechatConfig, WechatHost};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use access_token::{AccessTokens, LocalTokens};
@@ -141,15 +141,15 @@ impl WechatClient {
             session_key: Option<String>,
             unionid: Option<String>,
         }
-        let query = format!(
-            "appid={}&secret={}&js_code={}&grant_type=authorization_code",
-            encode(&app.appid),
-            encode(app.secret.expose()),
-            encode(code),
-        );
         let answer = self
             .call("code2session", settings, Replay::Never, |http, host| {
-                http.get(format!("{host}/sns/jscode2session?{query}"))
+                let mut url = host.code2session.clone();
+                url.query_pairs_mut()
+                    .append_pair("appid", &app.appid)
+                    .append_pair("secret", app.secret.expose())
+                    .append_pair("js_code", code)
+                    .append_pair("grant_type", "authorization_code");
+                http.get(url)
             })
             .await?;
         let answer: Answer = accepted(answer)?;
@@ -280,7 +280,7 @@ impl WechatClient {
         api: &'static str,
         settings: &WechatConfig,
         replay: Replay,
-        request: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
+        request: impl Fn(&reqwest::Client, &WechatHost) -> RequestBuilder,
     ) -> Result<Value, Error> {
         let http = self.http(settings.timeout);
         let mut last_failure = Failure::Unreachable;
@@ -289,7 +289,7 @@ impl WechatClient {
             loop {
                 let started = Instant::now();
                 let outcome = self
-                    .attempt(api, host, request(&http, host), settings.timeout)
+                    .attempt(api, &host.base, request(&http, host), settings.timeout)
                     .await;
                 let result: Cow<'static, str> = match &outcome {
                     Ok(answer) => match errcode_of(answer) {
@@ -490,7 +490,10 @@ mod tests {
 
     pub(super) fn settings(hosts: &[&str], timeout: Duration) -> WechatConfig {
         WechatConfig {
-            hosts: hosts.iter().map(|host| host.to_string()).collect(),
+            hosts: hosts
+                .iter()
+                .map(|host| WechatHost::new(host).unwrap())
+                .collect(),
             timeout,
             apps: vec![app()],
         }
