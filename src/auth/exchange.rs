@@ -395,6 +395,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
+    use crate::config::WechatHost;
     use crate::mock::wechat::MockWechat;
     use crate::store::{Digest, MemoryStore, Revoked, Rotation, SessionRecord, Store, StoreError};
 
@@ -517,29 +518,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = listener.local_addr().unwrap();
         tokio::spawn(wechat.clone().serve(listener));
-        let text = format!(
-            r#"
-[wechat]
-hosts = ["http://{host}"]
-
-[[wechat.apps]]
-appid = "{APPID}"
-secret = "app-secret"
-
-[token]
-secret = "0123456789abcdef0123456789abcdef"
-
-[store]
-backend = "memory"
-
-[[routes]]
-path = "/api/"
-upstream = "http://127.0.0.1:3000"
-auth = "required"
-"#
-        );
-        let config =
-            crate::Config::parse(&text, std::path::Path::new("c.toml"), &|_| None).unwrap();
+        let mut config = crate::auth::tests::config_with_app(APPID);
+        config.wechat.hosts = vec![WechatHost::new(&format!("http://{host}")).unwrap()];
         let services = Services::open(&config).await.unwrap();
         let services = Arc::new(Services { store, ..services });
         (State::new(config, services).unwrap(), wechat)

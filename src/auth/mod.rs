@@ -328,7 +328,7 @@ mod tests {
     }
 
     /// A config with the app `appid`, verifying tokens with no leeway.
-    fn config_with_app(appid: &str) -> crate::Config {
+    pub(super) fn config_with_app(appid: &str) -> crate::Config {
         let text = format!(
             r#"
 [[wechat.apps]]
