@@ -542,11 +542,12 @@ mod tests {
         let (state, _wechat) = state_with(store.clone()).await;
         let app = &state.config.wechat.apps[0];
 
-        let exchanged = state
-            .services
-            .exchanges
-            .exchange(&state, app, "ivan")
+        // The key's write is held until the test lets it through: a caller that waited for it
+        // here would never be answered.
+        let exchanging = state.services.exchanges.exchange(&state, app, "ivan");
+        let exchanged = tokio::time::timeout(Duration::from_secs(10), exchanging)
             .await
+            .expect("the caller waited for the session_key to be stored")
             .unwrap();
         assert_eq!(
             exchanged.session.openid,
