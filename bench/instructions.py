@@ -12,11 +12,17 @@ that cost the most instructions of their own on the required route.
 glibc copies large blocks with `rep movsb`, which callgrind counts once per byte; the gateway
 is run with that path turned off so that a copy counts what its vector loop costs.
 
+`--logins` counts logins instead: the gateway with the embedded store, wrk posting codes never
+sent before on 16 connections for `--seconds`, and the counts split by thread, the request
+thread apart from the store's writer.
+
 Usage: cargo build --release && python3 bench/instructions.py [--requests N] [--top N]
+       cargo build --release && python3 bench/instructions.py --logins [--seconds S]
 """
 
 import argparse
 import collections
+import glob
 import os
 import re
 import shutil
@@ -24,7 +30,12 @@ import subprocess
 import sys
 import tempfile
 
-from bench import JWT_SECRET, WXGATE, Procs, free_port, login, start_upstream, wait_port, wxgate_conf
+from bench import (JWT_SECRET, WXGATE, Procs, free_port, login, login_script, start_upstream, wait_port,
+                   wxgate_conf)
+
+# The gateway's environment under callgrind: one worker, and copies counted by their vector loop.
+GATEWAY_ENV = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn",
+                   GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=100000000")
 
 
 def self_costs(profile):
@@ -50,10 +61,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--top", type=int, default=0)
+    parser.add_argument("--logins", action="store_true")
+    parser.add_argument("--seconds", type=int, default=15)
     opts = parser.parse_args()
-    for tool in ("nginx", "oha", "valgrind", "callgrind_control"):
+    for tool in ("nginx", "oha", "wrk", "valgrind", "callgrind_control"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing (valgrind: apt-get install valgrind; the rest: bench/run.sh)")
+    if opts.logins:
+        count_logins(opts.seconds)
+        return
 
     workdir = tempfile.mkdtemp(prefix="wxgate-instructions-")
     procs = Procs(workdir)
@@ -63,13 +79,11 @@ def main():
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"])
         config = wxgate_conf(workdir, "gateway", ports["gateway"], ports["mock"], ports["upstream"],
                              f'[token]\nsecret = "{JWT_SECRET}"', 'backend = "memory"')
-        env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn",
-                   GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=100000000")
         profile = os.path.join(workdir, "callgrind.out")
         gateway = procs.start("gateway", [
             "valgrind", "--tool=callgrind", "--compress-strings=no", "--compress-pos=no",
             f"--callgrind-out-file={profile}",
-            WXGATE, "--log-format", "json", "serve", "--config", config], env=env)
+            WXGATE, "--log-format", "json", "serve", "--config", config], env=GATEWAY_ENV)
         for port in ports.values():
             wait_port(port, timeout=120)
         token = login(ports["gateway"], "instructions")
@@ -97,6 +111,51 @@ def main():
             print("|---|---|")
             for function, cost in self_costs(dumps["required, HS256"]).most_common(opts.top):
                 print(f"| {cost / opts.requests:,.0f} | `{function[:120]}` |")
+    finally:
+        procs.stop()
+
+
+def count_logins(seconds):
+    workdir = tempfile.mkdtemp(prefix="wxgate-instructions-")
+    procs = Procs(workdir)
+    try:
+        ports = {name: free_port() for name in ("mock", "gateway")}
+        procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"])
+        store = f'backend = "embedded"\npath = "{workdir}/logins.redb"'
+        config = wxgate_conf(workdir, "gateway", ports["gateway"], ports["mock"], free_port(),
+                             f'[token]\nsecret = "{JWT_SECRET}"', store)
+        profile = os.path.join(workdir, "callgrind.out")
+        gateway = procs.start("gateway", [
+            "valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={profile}",
+            WXGATE, "--log-format", "json", "serve", "--config", config], env=GATEWAY_ENV)
+        for port in ports.values():
+            wait_port(port, timeout=120)
+
+        def post_logins(run, duration):
+            out = subprocess.run(["wrk", "-t1", "-c16", f"-d{duration}s", "-s", login_script(workdir, run),
+                                  f"http://127.0.0.1:{ports['gateway']}/"],
+                                 capture_output=True, text=True, check=True).stdout
+            if "Non-2xx" in out:
+                sys.exit(f"some logins failed:\n{out}")
+            return int(re.search(r"(\d+) requests in", out).group(1))
+
+        post_logins(1, 3)
+        subprocess.run(["callgrind_control", "-z", str(gateway.pid)], capture_output=True, check=True)
+        logins = post_logins(2, seconds)
+        subprocess.run(["callgrind_control", "-d", str(gateway.pid)], capture_output=True, check=True)
+
+        print(f"| thread | instructions per login ({logins} logins) |")
+        print("|---|---|")
+        for dump in sorted(glob.glob(f"{profile}.1-*")):
+            with open(dump) as f:
+                text = f.read()
+            thread = "request thread" if dump.endswith("-01") else f"thread {dump.rsplit('-', 1)[1]}"
+            if "wxgate::store::embedded::commit" in text:
+                thread = "store writer"
+            total = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+            # The runtime's other threads (the blocking pool, the signal handler) do next to nothing.
+            if total / logins >= 1000:
+                print(f"| {thread} | {total / logins:,.0f} |")
     finally:
         procs.stop()
 
