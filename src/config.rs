@@ -1324,7 +1324,7 @@ fn validate_login_hook(raw: RawLoginHook, problems: &mut Problems) -> LoginHookC
     if url.is_empty() {
         problems.add("login_hook.url", "is required in [login_hook]");
     } else {
-        let _ = web_url(&url, "login_hook.url", problems);
+        web_url(&url, "login_hook.url", problems);
     }
     LoginHookConfig {
         url,
