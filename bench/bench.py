@@ -420,8 +420,12 @@ def main():
 
         idle_rss = {"HS256": rss_mb([hs.pid])}
         results = {name: [] for name in targets}
+        order = list(targets.items())
         for round_number in range(opts.rounds):
-            for name, target in targets.items():
+            # Each round starts one target later, so that no target always follows the same
+            # one (the auth_request run, which loads the HS256 gateway too) or always runs last.
+            shift = round_number % len(order)
+            for name, target in order[shift:] + order[:shift]:
                 results[name].append(measure(target, opts.seconds))
             print(f"round {round_number + 1}/{opts.rounds} done", file=sys.stderr)
 
@@ -451,8 +455,8 @@ def main():
         # then do the same work for either, and only the proxy differs.
         paced_headers = targets["wxgate required, HS256"]["headers"]
         paced = {name: [] for name in PACED_TARGETS}
-        for _ in range(opts.paced_rounds):
-            for name in PACED_TARGETS:
+        for paced_round in range(opts.paced_rounds):
+            for name in PACED_TARGETS[::1 if paced_round % 2 == 0 else -1]:
                 paced[name].append(paced_latency(targets[name]["url"], paced_rate, opts.paced_seconds,
                                                  paced_headers, [upstream.pid]))
         print(f"\nAt the same offered load, {paced_rate} requests a second, the same request to both "
