@@ -422,10 +422,12 @@ def main():
         results = {name: [] for name in targets}
         order = list(targets.items())
         for round_number in range(opts.rounds):
-            # Each round starts one target later, so that no target always follows the same
-            # one (the auth_request run, which loads the HS256 gateway too) or always runs last.
+            # Each round starts one target later, so that no target always runs first or last,
+            # and every other round runs backwards, so that no target always follows the same
+            # one (the auth_request run, which loads the HS256 gateway too).
             shift = round_number % len(order)
-            for name, target in order[shift:] + order[:shift]:
+            rotated = order[shift:] + order[:shift]
+            for name, target in rotated if round_number % 2 == 0 else rotated[::-1]:
                 results[name].append(measure(target, opts.seconds))
             print(f"round {round_number + 1}/{opts.rounds} done", file=sys.stderr)
 
