@@ -12,9 +12,13 @@ keep-alive connections to the upstream, like wxgate's, sent requests without a t
 proxy_pass, same request as wxgate's" is the same nginx sent the required route's request,
 token included, for the ratio of the two proxies at the same work. "nginx proxy_pass, default
 config" is the two-line `location / { proxy_pass …; }` an operator gets without tuning:
-HTTP/1.0 and a new upstream connection per request. "relay, no HTTP" (examples/relay.rs) copies bytes between
-each client and an upstream connection of its own on wxgate's runtime: the same system calls
-as a keep-alive proxy and nothing else, so the most a proxy on that runtime can reach here.
+HTTP/1.0 and a new upstream connection per request. "relay, no HTTP" (examples/relay.rs)
+copies bytes between each client and an upstream connection of its own on wxgate's runtime:
+the same system calls as a keep-alive proxy and nothing else, so the most a proxy on that
+runtime can reach here while each client has an upstream connection of its own.
+"relay, pipelined" (examples/pipelined_relay.rs) writes the requests of all its clients to one
+upstream connection, those ready in the same turn in one write: what pipelining to the upstream
+would save such a proxy.
 
 Usage: bench/run.sh [--rounds N] [--seconds S]   (builds the release binary, then runs this)
 """
@@ -37,6 +41,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WXGATE = os.path.join(ROOT, "target", "release", "wxgate")
 RELAY = os.path.join(ROOT, "target", "release", "examples", "relay")
+PIPELINED_RELAY = os.path.join(ROOT, "target", "release", "examples", "pipelined_relay")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE = "0"
 LOAD_CORE = "1"
@@ -337,7 +342,7 @@ def main():
     procs = Procs(workdir)
     try:
         ports = {name: free_port() for name in
-                 ("upstream", "nginx", "plain", "relay", "mock", "hs", "es", "verify_nginx", "login")}
+                 ("upstream", "nginx", "plain", "relay", "pipelined", "mock", "hs", "es", "verify_nginx", "login")}
         upstream = start_upstream(procs, workdir, ports["upstream"], core=LOAD_CORE)
         nginx = start_nginx_proxy(procs, workdir, ports["nginx"], ports["upstream"])
         plain = nginx_conf(workdir, "plain", f"""
@@ -348,6 +353,8 @@ def main():
         plain_nginx = procs.start("nginx-plain", ["nginx", "-c", plain], core=PROXY_CORE)
         relay = procs.start("relay", [RELAY, f"127.0.0.1:{ports['relay']}", f"127.0.0.1:{ports['upstream']}"],
                             core=PROXY_CORE)
+        pipelined = procs.start("pipelined-relay", [PIPELINED_RELAY, f"127.0.0.1:{ports['pipelined']}",
+                                                    f"127.0.0.1:{ports['upstream']}"], core=PROXY_CORE)
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"], core=LOAD_CORE)
         env = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn")
 
@@ -389,7 +396,7 @@ def main():
     }}""")
         verify_nginx = procs.start("nginx-auth-request", ["nginx", "-c", verify_conf], core=PROXY_CORE)
 
-        for port in (ports["upstream"], ports["nginx"], ports["relay"], ports["mock"], ports["hs"], ports["verify_nginx"]):
+        for port in (ports["upstream"], ports["nginx"], ports["relay"], ports["pipelined"], ports["mock"], ports["hs"], ports["verify_nginx"]):
             wait_port(port)
         if es:
             wait_port(ports["es"])
@@ -406,6 +413,7 @@ def main():
                 "headers": [f"Authorization: Bearer {hs_token}"]},
             "nginx proxy_pass, default config": {"url": f"http://127.0.0.1:{ports['plain']}/", "pids": lambda: [plain_nginx.pid]},
             "relay, no HTTP": {"url": f"http://127.0.0.1:{ports['relay']}/", "pids": lambda: [relay.pid]},
+            "relay, pipelined": {"url": f"http://127.0.0.1:{ports['pipelined']}/", "pids": lambda: [pipelined.pid]},
             "wxgate public route": {"url": f"http://127.0.0.1:{ports['hs']}/public/", "pids": lambda: [hs.pid]},
             "wxgate required, HS256": {"url": f"http://127.0.0.1:{ports['hs']}/api/", "pids": lambda: [hs.pid],
                                        "headers": [f"Authorization: Bearer {hs_token}"]},

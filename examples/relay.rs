@@ -3,35 +3,27 @@
 //! the same system calls per request as a keep-alive HTTP proxy (one read and one write on
 //! each side), on the runtime wxgate uses, with one worker as the benchmark runs wxgate. Its
 //! requests per CPU-second are what any proxy on this runtime could reach on the machine at
-//! hand, before doing any HTTP; `bench/bench.py` reports it beside nginx and wxgate.
+//! hand, before doing any HTTP, while each client has an upstream connection of its own
+//! (`examples/pipelined_relay.rs` shares one); `bench/bench.py` reports it beside nginx and
+//! wxgate.
 //!
 //! Usage: relay LISTEN_ADDR UPSTREAM_ADDR
+
+mod relay_setup;
 
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
 
 fn main() -> std::io::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        eprintln!("usage: relay LISTEN_ADDR UPSTREAM_ADDR");
-        std::process::exit(2);
-    };
-    let parse = |addr: String| {
-        addr.parse::<SocketAddr>()
-            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))
-    };
-    let (listen, upstream) = (parse(listen)?, parse(upstream)?);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?
-        .block_on(async move {
-            let listener = TcpListener::bind(listen).await?;
-            loop {
-                let (client, _) = listener.accept().await?;
-                tokio::spawn(relay(client, upstream));
-            }
-        })
+    let (listen, upstream) = relay_setup::listen_and_upstream("relay")?;
+    relay_setup::runtime()?.block_on(async move {
+        let listener = TcpListener::bind(listen).await?;
+        loop {
+            let (client, _) = listener.accept().await?;
+            tokio::spawn(relay(client, upstream));
+        }
+    })
 }
 
 async fn relay(mut client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
