@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BodySeen, Harness, MAX_BODY, Setup, pattern};
+use common::{BodySeen, Harness, MAX_BODY, Setup, bounded, pattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -47,7 +47,7 @@ async fn send_chunked(gw: &Harness, path: &str, chunks: &[Vec<u8>]) -> (u16, Vec
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
     let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer).await;
+    let _ = bounded(stream.read_to_end(&mut answer)).await;
     let head_end = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

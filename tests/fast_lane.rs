@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::{Harness, Setup, read_answer, read_answers};
+use common::{Harness, Setup, bounded, read_answer, read_answers};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -133,7 +133,7 @@ async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
     let mut bytes = Vec::new();
     let mut buffer = [0u8; 4096];
     while !bytes.windows(end.len()).any(|window| window == end) {
-        let read = stream.read(&mut buffer).await.unwrap();
+        let read = bounded(stream.read(&mut buffer)).await.unwrap();
         assert!(read > 0, "closed before {:?}", String::from_utf8_lossy(end));
         bytes.extend_from_slice(&buffer[..read]);
     }
@@ -178,7 +178,7 @@ async fn an_answer_ended_by_close_is_relayed_and_then_the_client_connection_clos
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     stream.write_all(get("/s/close").as_bytes()).await.unwrap();
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
+    bounded(stream.read_to_string(&mut answer)).await.unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
@@ -259,7 +259,7 @@ async fn a_large_answer_streams_through_whole() {
     let mut bytes = Vec::new();
     let head_end = loop {
         let mut buffer = [0u8; 65536];
-        let read = stream.read(&mut buffer).await.unwrap();
+        let read = bounded(stream.read(&mut buffer)).await.unwrap();
         assert!(read > 0);
         bytes.extend_from_slice(&buffer[..read]);
         if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -268,7 +268,7 @@ async fn a_large_answer_streams_through_whole() {
     };
     while bytes.len() < head_end + BIG_LEN {
         let mut buffer = [0u8; 65536];
-        let read = stream.read(&mut buffer).await.unwrap();
+        let read = bounded(stream.read(&mut buffer)).await.unwrap();
         assert!(read > 0, "closed after {} bytes", bytes.len() - head_end);
         bytes.extend_from_slice(&buffer[..read]);
     }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{APPID, Harness, Setup, echoed_header, read_answer, websocket};
+use common::{ANSWER_BOUND, APPID, Harness, Setup, bounded, echoed_header, read_answer, websocket};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -61,14 +61,14 @@ async fn websocket_through_a_required_route_carries_the_identity() {
     let (status, mut stream) = upgrade(&gw, "/api/ws", Some(&token)).await;
     assert_eq!(status, 101);
     let mut greeting = String::new();
-    stream.read_line(&mut greeting).await.unwrap();
+    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(
         greeting.trim_end(),
         format!("openid={}", MockWechat::openid_for(APPID, "wendy"))
     );
     stream.get_mut().write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
-    stream.read_exact(&mut echoed).await.unwrap();
+    bounded(stream.read_exact(&mut echoed)).await.unwrap();
     assert_eq!(&echoed, b"ping");
 }
 
@@ -86,7 +86,7 @@ async fn websocket_on_an_optional_route_carries_the_identity_when_a_token_is_sen
     let (status, mut stream) = upgrade(&gw, "/api/optional/ws", Some(&token)).await;
     assert_eq!(status, 101);
     let mut greeting = String::new();
-    stream.read_line(&mut greeting).await.unwrap();
+    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(
         greeting.trim_end(),
         format!("openid={}", MockWechat::openid_for(APPID, "yara"))
@@ -95,7 +95,7 @@ async fn websocket_on_an_optional_route_carries_the_identity_when_a_token_is_sen
     let (status, mut stream) = upgrade(&gw, "/api/optional/ws", None).await;
     assert_eq!(status, 101);
     let mut greeting = String::new();
-    stream.read_line(&mut greeting).await.unwrap();
+    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(greeting.trim_end(), "openid=");
 
     let (status, _) = upgrade(&gw, "/api/optional/ws", Some("not-a-token")).await;
@@ -131,7 +131,7 @@ async fn websocket_on_a_public_route_carries_no_identity() {
     let (status, mut stream) = upgrade(&gw, "/api/public/ws", None).await;
     assert_eq!(status, 101);
     let mut greeting = String::new();
-    stream.read_line(&mut greeting).await.unwrap();
+    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(greeting.trim_end(), "openid=");
 }
 
@@ -143,6 +143,7 @@ async fn h2c_request_is_proxied_with_the_identity() {
     let h2 = reqwest::Client::builder()
         .no_proxy()
         .http2_prior_knowledge()
+        .timeout(ANSWER_BOUND)
         .build()
         .unwrap();
     let response = h2

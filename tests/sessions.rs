@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, OTHER_APPID, Setup};
+use common::{Harness, OTHER_APPID, Setup, bounded};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use wxgate::auth::refresh_name;
@@ -281,11 +281,11 @@ async fn websocket(gw: &Harness, path: &str, token: &str) -> BufReader<TcpStream
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
-    reader.read_line(&mut status_line).await.unwrap();
+    bounded(reader.read_line(&mut status_line)).await.unwrap();
     assert!(status_line.starts_with("HTTP/1.1 101"), "{status_line}");
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
+        bounded(reader.read_line(&mut line)).await.unwrap();
         if line == "\r\n" || line.is_empty() {
             break;
         }
@@ -302,10 +302,10 @@ async fn logout_closes_the_sessions_websocket() {
     let mut untouched = websocket(&gw, "/api/ws", &other).await;
     for open in [&mut stream, &mut untouched] {
         let mut greeting = String::new();
-        open.read_line(&mut greeting).await.unwrap();
+        bounded(open.read_line(&mut greeting)).await.unwrap();
         open.get_mut().write_all(b"ping").await.unwrap();
         let mut echoed = [0u8; 4];
-        open.read_exact(&mut echoed).await.unwrap();
+        bounded(open.read_exact(&mut echoed)).await.unwrap();
         assert_eq!(&echoed, b"ping");
     }
 
@@ -323,6 +323,6 @@ async fn logout_closes_the_sessions_websocket() {
     // Another session's stays open.
     untouched.get_mut().write_all(b"pong").await.unwrap();
     let mut echoed = [0u8; 4];
-    untouched.read_exact(&mut echoed).await.unwrap();
+    bounded(untouched.read_exact(&mut echoed)).await.unwrap();
     assert_eq!(&echoed, b"pong");
 }

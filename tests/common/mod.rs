@@ -32,6 +32,10 @@ pub const APP_SECRET: &str = "app-secret-never-in-logs-7f3a9c";
 pub const JWT_SECRET: &str = "jwt-secret-never-in-logs-0123456789abcdef";
 pub const MAX_BODY: u64 = 64 * 1024;
 
+/// How long a test waits for the gateway to say something before it fails: a gateway that
+/// never answers fails its test rather than holding the whole run until the CI's limit.
+pub const ANSWER_BOUND: Duration = Duration::from_secs(60);
+
 /// WeChat's published open-data sample: appid `wx4f4bc4dec97d474b`, session_key
 /// `tiihtNczf5v6AKRyjwEUhQ==`, iv `r7BXXKkLb8qrSNn05n0qiA==`; it decrypts to the user `Band`.
 pub const OFFICIAL_SAMPLE_ENCRYPTED_DATA: &str = "CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC+oNPdbB+3hVbJSRgv+4lGOETKUQz6OYStslQ142dNCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1poOFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn/Hz7saL8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAYB6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns/8wR2SiRS7MNACwTyrGvt9ts8p12PKFdlqYTopNHR1Vf7XjfhQlVsAJdNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb/XcxxmK01EpqOyuxINew==";
@@ -497,7 +501,7 @@ pub async fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<(u16, ser
             unread.drain(..used);
             continue;
         }
-        let read = stream.read(&mut buffer).await.unwrap();
+        let read = bounded(stream.read(&mut buffer)).await.unwrap();
         assert!(
             read > 0,
             "connection closed before answer {}",
@@ -545,11 +549,11 @@ pub async fn websocket(
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
-    reader.read_line(&mut status_line).await.unwrap();
+    bounded(reader.read_line(&mut status_line)).await.unwrap();
     let status = status_line[9..12].parse().unwrap();
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).await.unwrap();
+        bounded(reader.read_line(&mut line)).await.unwrap();
         if line == "\r\n" || line.is_empty() {
             break;
         }
@@ -584,7 +588,18 @@ pub async fn post_json(
 pub fn http_client() -> reqwest::Client {
     // reqwest is built without a bundled TLS crypto provider (see wechat/mod.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(ANSWER_BOUND)
+        .build()
+        .unwrap()
+}
+
+/// Awaits a read from one of the servers under test, failing the test after [`ANSWER_BOUND`].
+pub async fn bounded<T>(read: impl Future<Output = T>) -> T {
+    tokio::time::timeout(ANSWER_BOUND, read)
+        .await
+        .expect("nothing came within the answer bound")
 }
 
 /// The headers the echo upstream reported, lower-cased names.
