@@ -32,7 +32,7 @@ pub const APP_SECRET: &str = "app-secret-never-in-logs-7f3a9c";
 pub const JWT_SECRET: &str = "jwt-secret-never-in-logs-0123456789abcdef";
 pub const MAX_BODY: u64 = 64 * 1024;
 
-/// How long a test waits for the gateway to say something before it fails: a gateway that
+/// How long a test waits for a server under test to say something before it fails: one that
 /// never answers fails its test rather than holding the whole run until the CI's limit.
 pub const ANSWER_BOUND: Duration = Duration::from_secs(60);
 
