@@ -5,7 +5,9 @@ Each proxy under test runs pinned to core 0 with one worker (nginx `worker_proce
 wxgate `TOKIO_WORKER_THREADS=1`); the upstream (nginx answering 200), the mock WeChat and the
 load generator (wrk, 64 connections) run on core 1. Targets alternate over several rounds and
 the medians are reported. The figure that travels between machines is requests per CPU-second
-of the proxy process (its utime + stime from /proc), as a ratio to nginx.
+of the proxy process (its utime + stime from /proc), as a ratio to nginx; for the required
+route, that ratio is also given round by round, against the nginx run of the same round, with
+its median and range.
 
 "nginx proxy_pass", the baseline of the ratio, is nginx at its best: HTTP/1.1 and a pool of
 keep-alive connections to the upstream, like wxgate's, sent requests without a token. "nginx
@@ -454,6 +456,15 @@ def main():
             if name in targets:
                 print(f"{name} against nginx given the same request: "
                       f"{median(name, 'per_cpu_s') / same_request:.2f}×")
+        # Each round's own ratio, against the nginx run of the same round: the host drifts less
+        # within a round than across the whole benchmark, and the spread of these ratios shows
+        # how far the median above can be trusted.
+        for name in ("wxgate required, HS256", "wxgate required, ES256"):
+            if name in targets:
+                ratios = sorted(run["per_cpu_s"] / nginx_run["per_cpu_s"]
+                                for run, nginx_run in zip(results[name], results["nginx proxy_pass"]))
+                print(f"{name} against nginx in the same round: median {statistics.median(ratios):.2f}×, "
+                      f"{ratios[0]:.2f}× to {ratios[-1]:.2f}× over {len(ratios)} rounds")
 
         # A fixed rate would compare an overloaded target's queue with a loaded one's on a day the
         # shared host is slow, so the rate follows what the slower of the two managed. A quarter
