@@ -559,6 +559,8 @@ fn decide<'s>(
 
 /// The request head for the upstream, by the rules of `proxy::forward`: hop-by-hop and
 /// identity-like headers dropped, the identity, `X-Forwarded-*` and `X-Request-ID` set.
+// Its pieces are borrowed from different places (the parsed head, the route table, the connection,
+// the verified token) and it has one caller: a struct of them would exist only for that call.
 #[allow(clippy::too_many_arguments)]
 fn write_upstream_head(
     out: &mut Vec<u8>,
