@@ -456,11 +456,9 @@ def main():
             if name in targets:
                 print(f"{name} against nginx given the same request: "
                       f"{median(name, 'per_cpu_s') / same_request:.2f}×")
-        # Each round's own ratio, against the nginx run of the same round: the host drifts less
-        # within a round than across the whole benchmark, and the spread of these ratios shows
-        # how far the median above can be trusted.
-        for name in ("wxgate required, HS256", "wxgate required, ES256"):
-            if name in targets:
+                # Each round's own ratio, against the nginx run of the same round: the host
+                # drifts less within a round than across the whole benchmark, and the spread of
+                # these ratios shows how far the median above can be trusted.
                 ratios = sorted(run["per_cpu_s"] / nginx_run["per_cpu_s"]
                                 for run, nginx_run in zip(results[name], results["nginx proxy_pass"]))
                 print(f"{name} against nginx in the same round: median {statistics.median(ratios):.2f}×, "

@@ -272,24 +272,10 @@ async fn a_refresh_body_that_never_arrives_is_answered_400() {
 
 /// Opens a WebSocket through the gateway with `token`; answers the open stream after the 101.
 async fn websocket(gw: &Harness, path: &str, token: &str) -> BufReader<TcpStream> {
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    bounded(reader.read_line(&mut status_line)).await.unwrap();
-    assert!(status_line.starts_with("HTTP/1.1 101"), "{status_line}");
-    loop {
-        let mut line = String::new();
-        bounded(reader.read_line(&mut line)).await.unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-    }
+    let authorization = format!("Bearer {token}");
+    let (status, reader) =
+        common::websocket(gw.addr, path, &[("Authorization", &authorization)]).await;
+    assert_eq!(status, 101);
     reader
 }
 
