@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, bounded, http_client, read_answer,
-    read_answers, websocket,
+    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, assert_echoed, greeting, http_client,
+    read_answer, read_answers, websocket,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use wxgate::mock::wechat::MockWechat;
@@ -526,13 +526,8 @@ async fn a_websocket_opened_with_a_token_closes_when_the_token_expires() {
     )
     .await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
-    assert_eq!(greeting.trim_end(), "openid=o-short-lived");
-    stream.get_mut().write_all(b"ping").await.unwrap();
-    let mut echoed = [0u8; 4];
-    bounded(stream.read_exact(&mut echoed)).await.unwrap();
-    assert_eq!(&echoed, b"ping");
+    assert_eq!(greeting(&mut stream).await, "openid=o-short-lived");
+    assert_echoed(&mut stream, b"ping").await;
 
     // The gateway ends the tunnel: reading reaches its end. The bound only keeps a broken
     // gateway from hanging the suite.
@@ -549,15 +544,11 @@ async fn sigterm_lets_an_upgraded_connection_run_within_the_grace_period() {
     let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
     let (status, mut stream) = websocket(gw.addr.parse().unwrap(), "/api/public/ws", &[]).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
+    greeting(&mut stream).await;
 
     gw.signal("TERM");
     gw.wait_for("draining in-flight requests").await;
-    stream.get_mut().write_all(b"still here").await.unwrap();
-    let mut echoed = [0u8; 10];
-    bounded(stream.read_exact(&mut echoed)).await.unwrap();
-    assert_eq!(&echoed, b"still here");
+    assert_echoed(&mut stream, b"still here").await;
 
     // The client leaves: nothing is left to drain.
     drop(stream);
@@ -688,13 +679,9 @@ async fn a_websocket_idle_past_the_shedding_point_keeps_working() {
     let addr: std::net::SocketAddr = gw.addr.parse().unwrap();
     let (status, mut tunnel) = websocket(addr, "/api/public/ws", &[]).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(tunnel.read_line(&mut greeting)).await.unwrap();
+    greeting(&mut tunnel).await;
     // Time itself is what is tested: the tunnel idles well past the point where an HTTP/1
     // connection would shed its buffers, and must not be mistaken for one.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    tunnel.get_mut().write_all(b"after idling").await.unwrap();
-    let mut echoed = [0u8; 12];
-    bounded(tunnel.read_exact(&mut echoed)).await.unwrap();
-    assert_eq!(&echoed, b"after idling");
+    assert_echoed(&mut tunnel, b"after idling").await;
 }

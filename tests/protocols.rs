@@ -7,10 +7,13 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ANSWER_BOUND, APPID, Harness, Setup, bounded, echoed_header, read_answer, websocket};
+use common::{
+    ANSWER_BOUND, APPID, Harness, Setup, assert_echoed, echoed_header, greeting, read_answer,
+    websocket,
+};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use wxgate::mock::wechat::MockWechat;
 
@@ -60,16 +63,11 @@ async fn websocket_through_a_required_route_carries_the_identity() {
     let token = gw.token("wendy").await;
     let (status, mut stream) = upgrade(&gw, "/api/ws", Some(&token)).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(
-        greeting.trim_end(),
+        greeting(&mut stream).await,
         format!("openid={}", MockWechat::openid_for(APPID, "wendy"))
     );
-    stream.get_mut().write_all(b"ping").await.unwrap();
-    let mut echoed = [0u8; 4];
-    bounded(stream.read_exact(&mut echoed)).await.unwrap();
-    assert_eq!(&echoed, b"ping");
+    assert_echoed(&mut stream, b"ping").await;
 }
 
 #[tokio::test]
@@ -85,18 +83,14 @@ async fn websocket_on_an_optional_route_carries_the_identity_when_a_token_is_sen
     let token = gw.token("yara").await;
     let (status, mut stream) = upgrade(&gw, "/api/optional/ws", Some(&token)).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
     assert_eq!(
-        greeting.trim_end(),
+        greeting(&mut stream).await,
         format!("openid={}", MockWechat::openid_for(APPID, "yara"))
     );
 
     let (status, mut stream) = upgrade(&gw, "/api/optional/ws", None).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
-    assert_eq!(greeting.trim_end(), "openid=");
+    assert_eq!(greeting(&mut stream).await, "openid=");
 
     let (status, _) = upgrade(&gw, "/api/optional/ws", Some("not-a-token")).await;
     assert_eq!(status, 401);
@@ -130,9 +124,7 @@ async fn websocket_on_a_public_route_carries_no_identity() {
     let gw = Harness::start().await;
     let (status, mut stream) = upgrade(&gw, "/api/public/ws", None).await;
     assert_eq!(status, 101);
-    let mut greeting = String::new();
-    bounded(stream.read_line(&mut greeting)).await.unwrap();
-    assert_eq!(greeting.trim_end(), "openid=");
+    assert_eq!(greeting(&mut stream).await, "openid=");
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, OTHER_APPID, Setup, bounded};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{Harness, OTHER_APPID, Setup, assert_echoed, greeting};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use wxgate::auth::refresh_name;
 use wxgate::store::{Revoked, Rotation};
@@ -287,12 +287,8 @@ async fn logout_closes_the_sessions_websocket() {
     let mut stream = websocket(&gw, "/api/ws", &token).await;
     let mut untouched = websocket(&gw, "/api/ws", &other).await;
     for open in [&mut stream, &mut untouched] {
-        let mut greeting = String::new();
-        bounded(open.read_line(&mut greeting)).await.unwrap();
-        open.get_mut().write_all(b"ping").await.unwrap();
-        let mut echoed = [0u8; 4];
-        bounded(open.read_exact(&mut echoed)).await.unwrap();
-        assert_eq!(&echoed, b"ping");
+        greeting(open).await;
+        assert_echoed(open, b"ping").await;
     }
 
     let (status, _) = gw
@@ -307,8 +303,5 @@ async fn logout_closes_the_sessions_websocket() {
         .expect("the WebSocket outlived its session's logout")
         .unwrap();
     // Another session's stays open.
-    untouched.get_mut().write_all(b"pong").await.unwrap();
-    let mut echoed = [0u8; 4];
-    bounded(untouched.read_exact(&mut echoed)).await.unwrap();
-    assert_eq!(&echoed, b"pong");
+    assert_echoed(&mut untouched, b"pong").await;
 }

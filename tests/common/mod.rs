@@ -561,6 +561,21 @@ pub async fn websocket(
     (status, reader)
 }
 
+/// The line the test upstream greets an upgraded tunnel with, without its line end.
+pub async fn greeting(tunnel: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    bounded(tunnel.read_line(&mut line)).await.unwrap();
+    line.trim_end().to_owned()
+}
+
+/// Sends `bytes` through an upgraded tunnel and asserts that the test upstream echoes them.
+pub async fn assert_echoed(tunnel: &mut BufReader<TcpStream>, bytes: &[u8]) {
+    tunnel.get_mut().write_all(bytes).await.unwrap();
+    let mut echoed = vec![0u8; bytes.len()];
+    bounded(tunnel.read_exact(&mut echoed)).await.unwrap();
+    assert_eq!(echoed, bytes);
+}
+
 /// A plain HTTP client for talking to the servers under test.
 /// POSTs a JSON `body` to `url`, with a bearer `token` when given: (status, JSON body or null).
 pub async fn post_json(
