@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::{Either, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -95,7 +95,11 @@ pub async fn forward(
     parts.version = Version::HTTP_11;
 
     let limit = usize::try_from(state.config.server.max_body_bytes).unwrap_or(usize::MAX);
-    let body = Limited::new(body, limit);
+    let body = if body.is_end_stream() {
+        Either::Right(Empty::new())
+    } else {
+        Either::Left(Limited::new(body, limit))
+    };
     let sent = state.services.upstream.send(
         route.upstream_authority(),
         client.upstream.as_deref(),

@@ -13,9 +13,11 @@ use std::error::Error as StdError;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
-use http_body_util::Limited;
+use http_body::Body;
+use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -23,8 +25,10 @@ use tokio::net::TcpStream;
 
 /// A request body, cut off with an error past `server.max_body_bytes`. Ending the stream with
 /// an error (not a clean end) makes the client abort the upstream request, so the upstream
-/// never sees a truncated body as a complete one.
-pub type UpstreamBody = Limited<Incoming>;
+/// never sees a truncated body as a complete one. A request that came without a body goes
+/// with `Empty`, which, unlike the client's stream, can be made again to send the request
+/// again ([`UpstreamClient::send`]).
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
 
 pub type SendError = Box<dyn StdError + Send + Sync>;
 
@@ -127,28 +131,37 @@ impl Drop for Affinity {
 impl UpstreamClient {
     /// Sends `request` to `authority` on a kept-alive connection when there is one, on a new one
     /// otherwise. A kept connection the upstream closed before the request went out is replaced
-    /// by a new one; once the request has gone out it is never sent again. The connection is
-    /// kept for the next request once the answer's head has come, unless it switched protocols.
+    /// by a new one. Once the request has gone out it is sent again only when it is
+    /// [`replayable`] and went out on a kept connection that the upstream closed or reset
+    /// before answering: then once, on a new connection. The connection is kept for the next
+    /// request once the answer's head has come, unless it switched protocols.
     pub async fn send(
         &self,
         authority: &Authority,
         affinity: Option<&Affinity>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, SendError> {
+        let mut fresh_only = false;
         loop {
-            let kept = match affinity.and_then(|affinity| affinity.take(authority)) {
-                Some(mut sender) => {
-                    // Its client's last answer has gone out, so this waits, if at all, only
-                    // for hyper to see the end of it on the upstream side.
-                    sender.ready().await.ok().map(|()| sender)
+            let kept = if fresh_only {
+                None
+            } else {
+                match affinity.and_then(|affinity| affinity.take(authority)) {
+                    Some(mut sender) => {
+                        // Its client's last answer has gone out, so this waits, if at all, only
+                        // for hyper to see the end of it on the upstream side.
+                        sender.ready().await.ok().map(|()| sender)
+                    }
+                    None => self.pool.take(authority),
                 }
-                None => self.pool.take(authority),
             };
             let reused = kept.is_some();
             let mut sender = match kept {
                 Some(sender) => sender,
                 None => connect(authority).await?,
             };
+            // Copied only when it may be needed: a new connection that fails is not tried again.
+            let copy = (reused && replayable(&request)).then(|| bodiless_copy(&request));
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -156,8 +169,15 @@ impl UpstreamClient {
                     }
                     return Ok(response);
                 }
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if reused => request = unsent,
+                Err(mut failed) => match (failed.take_message(), copy) {
+                    (Some(unsent), _) if reused => request = unsent,
+                    (None, Some(copy)) if dropped(failed.error()) => {
+                        tracing::debug!(
+                            "a kept upstream connection closed under a request; sending it again on a new one"
+                        );
+                        request = copy;
+                        fresh_only = true;
+                    }
                     _ => return Err(failed.into_error().into()),
                 },
             }
@@ -186,9 +206,36 @@ impl UpstreamClient {
     }
 }
 
+/// Whether a request may be sent a second time after the upstream may have read it: a safe
+/// method (GET, HEAD, OPTIONS, TRACE; RFC 9110 §9.2.1) without a body, as Go's HTTP client
+/// decides. RFC 9110 §9.2.2 allows it for every idempotent method, and nginx also sends PUT
+/// and DELETE again; but a business API's DELETE of an order line, done twice, answers 404 to
+/// a DELETE that worked.
+fn replayable<B: Body>(request: &Request<B>) -> bool {
+    request.method().is_safe() && request.body().is_end_stream()
+}
+
+fn bodiless_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// True when `error` says the connection closed or failed before the answer's head was in, as
+/// a kept connection the upstream let go of at the moment it was used does; false for an
+/// answer that came but did not parse.
+fn dropped(error: &hyper::Error) -> bool {
+    error.is_incomplete_message()
+        || std::iter::successors(error.source(), |&cause| cause.source())
+            .any(|cause| cause.is::<std::io::Error>())
+}
+
 impl UpstreamClient {
-    /// A plain connection to `authority`: a kept one the upstream has not closed, else a new one.
-    pub async fn plain_connection(&self, authority: &Authority) -> Result<TcpStream, SendError> {
+    /// A kept plain connection to `authority` that the upstream has not closed, if any.
+    pub async fn kept_plain(&self, authority: &Authority) -> Option<TcpStream> {
         let kept = {
             let mut plain = lock(&self.plain);
             let now = Instant::now();
@@ -203,10 +250,8 @@ impl UpstreamClient {
             }
             found
         };
-        match kept {
-            Some(stream) if still_open(&stream).await => Ok(stream),
-            _ => connect_socket(authority).await,
-        }
+        let stream = kept?;
+        still_open(&stream).await.then_some(stream)
     }
 
     /// Keeps a plain connection, at a message boundary, for the next request to `authority`.
@@ -254,7 +299,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn connect_socket(authority: &Authority) -> Result<TcpStream, SendError> {
+/// A new connection to `authority`.
+pub async fn connect_socket(authority: &Authority) -> Result<TcpStream, SendError> {
     // An IPv6 literal comes bracketed in a URL, never in an address.
     let host = authority
         .host()

@@ -39,7 +39,7 @@ use crate::error::Error;
 use crate::proxy;
 use crate::routes::{self, Route};
 use crate::state::{SharedState, State};
-use crate::upstream::{self, UpstreamClient};
+use crate::upstream;
 
 /// How much room a request head is read into at a time. Real API requests have heads of a few
 /// hundred bytes, a token being the longest part; the limit is `MAX_HEADER_BYTES`.
@@ -264,6 +264,9 @@ struct Plan<'s> {
     /// and of its timeout.
     arrived: Instant,
     head_only: bool,
+    /// Whether the request may go out again on a new connection when a kept one fails under
+    /// it (`upstream::replayable`; the lane's requests have no body).
+    replayable: bool,
     action: Result<&'s Route, Error>,
 }
 
@@ -440,6 +443,7 @@ fn plan<'s>(
     let request_id = super::request_id(seen.request_id);
     let metrics = &state.services.metrics;
     let head_only = method == Method::HEAD;
+    let replayable = method.is_safe();
     let mut record = Record::begin(metrics, arrived, method, record_path, &request_id);
     let action = decide(
         state,
@@ -471,6 +475,7 @@ fn plan<'s>(
         request_id,
         arrived,
         head_only,
+        replayable,
         action,
     })
 }
@@ -728,6 +733,9 @@ struct Relayed {
 /// Why an exchange with the upstream failed before its answer's head arrived.
 enum Failed {
     Timeout,
+    /// The connection closed or failed: the upstream may or may not have read the request.
+    Dropped(String),
+    /// No connection could be made, or the answer did not parse.
     Unavailable(String),
 }
 
@@ -746,6 +754,7 @@ impl Lane {
             request_id,
             arrived,
             head_only,
+            replayable,
             action,
         } = plan;
         let request_id = request_id.as_bytes();
@@ -763,26 +772,42 @@ impl Lane {
         let authority = route.upstream_authority();
         let kept = self.kept_upstream(state, authority).await;
         // Sends the request head in `out` and reads the answer's head; the upstream connection
-        // comes back with the head, its body still to read.
+        // comes back with the head, its body still to read. A kept connection that fails under
+        // a replayable request is replaced once, as `UpstreamClient::send` does.
         let exchange = async {
-            let mut socket = match kept {
-                Some(socket) => socket,
-                None => connect(&state.services.upstream, authority).await?,
-            };
-            socket
-                .write_all(&self.out)
-                .await
-                .map_err(|err| Failed::Unavailable(err.to_string()))?;
-            let relayed = read_response_head(
-                &mut socket,
-                &mut self.from_upstream,
-                &mut self.out,
-                head_only,
-                request_id,
-                draining,
-            )
-            .await?;
-            Ok((socket, relayed))
+            let mut kept = kept;
+            loop {
+                let reused = kept.is_some();
+                let mut socket = match kept.take() {
+                    Some(socket) => socket,
+                    None => connect(authority).await?,
+                };
+                let exchanged = match socket.write_all(&self.out).await {
+                    Ok(()) => {
+                        read_response_head(
+                            &mut socket,
+                            &mut self.from_upstream,
+                            &mut self.out,
+                            head_only,
+                            request_id,
+                            draining,
+                        )
+                        .await
+                    }
+                    Err(err) => Err(Failed::Dropped(err.to_string())),
+                };
+                match exchanged {
+                    Ok(relayed) => return Ok((socket, relayed)),
+                    Err(Failed::Dropped(_)) if reused && replayable => {
+                        record.span.in_scope(|| {
+                            tracing::debug!(
+                                "a kept upstream connection closed under a request; sending it again on a new one"
+                            )
+                        });
+                    }
+                    Err(failed) => return Err(failed),
+                }
+            }
         };
         let exchanged = tokio::select! {
             biased;
@@ -800,7 +825,7 @@ impl Lane {
             Err(failed) => {
                 let error = match failed {
                     Failed::Timeout => Error::UpstreamTimeout,
-                    Failed::Unavailable(why) => {
+                    Failed::Dropped(why) | Failed::Unavailable(why) => {
                         record.span.in_scope(|| {
                             tracing::warn!(
                                 route = %route.config.path,
@@ -829,21 +854,20 @@ impl Lane {
     }
 
     /// The upstream connection this client used last, when it is to `authority` and still
-    /// open; one to another upstream goes back to the pool.
+    /// open, else a kept one from the pool; one to another upstream goes back to the pool.
     async fn kept_upstream(&mut self, state: &State, authority: &Authority) -> Option<TcpStream> {
-        match self.upstream.take() {
+        let pool = &state.services.upstream;
+        if let Some((kept_for, socket)) = self.upstream.take() {
             // Byte for byte, where `Authority`'s own `==` ignores case a byte at a time: both
             // come from the route table, and a kept connection missed over a difference of
             // case only goes back to the pool.
-            Some((kept_for, socket)) if kept_for.as_str() == authority.as_str() => {
-                upstream::still_open(&socket).await.then_some(socket)
+            if kept_for.as_str() != authority.as_str() {
+                pool.keep_plain(kept_for, socket);
+            } else if upstream::still_open(&socket).await {
+                return Some(socket);
             }
-            Some((other, socket)) => {
-                state.services.upstream.keep_plain(other, socket);
-                None
-            }
-            None => None,
         }
+        pool.kept_plain(authority).await
     }
 
     /// Sends the head in `out` to the client, then the body as the upstream sends it. True
@@ -938,9 +962,8 @@ async fn gone(client: &TcpStream) {
     }
 }
 
-async fn connect(client: &UpstreamClient, authority: &Authority) -> Result<TcpStream, Failed> {
-    client
-        .plain_connection(authority)
+async fn connect(authority: &Authority) -> Result<TcpStream, Failed> {
+    upstream::connect_socket(authority)
         .await
         .map_err(|err| Failed::Unavailable(err.to_string()))
 }
@@ -995,9 +1018,12 @@ async fn read_response_head(
         }
         buffer.reserve(BODY_BUFFER);
         match upstream.read_buf(buffer).await {
-            Ok(0) => return Err(malformed("ended before its head did")),
+            Ok(0) => {
+                let why = "the upstream closed the connection before its answer's head";
+                return Err(Failed::Dropped(why.to_owned()));
+            }
             Ok(_) => {}
-            Err(err) => return Err(Failed::Unavailable(err.to_string())),
+            Err(err) => return Err(Failed::Dropped(err.to_string())),
         }
     }
 }
