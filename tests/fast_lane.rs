@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use common::{Harness, Setup, bounded, read_answer, read_answers};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// An upstream that answers each request with the canned answer its last path segment names,
@@ -67,30 +67,7 @@ impl Scripted {
                 let kept = kept.clone();
                 tokio::spawn(async move {
                     let mut stream = BufReader::new(stream);
-                    loop {
-                        let mut head = String::new();
-                        loop {
-                            let mut line = String::new();
-                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            head.push_str(&line);
-                            if line == "\r\n" {
-                                break;
-                            }
-                        }
-                        let length = head
-                            .lines()
-                            .find_map(|line| {
-                                let (name, value) = line.split_once(':')?;
-                                name.eq_ignore_ascii_case("content-length")
-                                    .then(|| value.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        let mut body = vec![0u8; length];
-                        if stream.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
+                    while let Some(head) = common::read_request(&mut stream).await {
                         let target = head.split(' ').nth(1).unwrap_or_default().to_string();
                         kept.lock().unwrap().push(head);
                         let (answer, close) = canned(target.rsplit('/').next().unwrap());

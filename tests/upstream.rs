@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{Harness, Setup, read_answer, read_answers};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn get(stream: &mut TcpStream, path: &str) -> (u16, serde_json::Value) {
@@ -76,29 +76,9 @@ impl HangingUp {
                 tokio::spawn(async move {
                     let mut stream = BufReader::new(stream);
                     for request in 0..=answered {
-                        let mut head = String::new();
-                        loop {
-                            let mut line = String::new();
-                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            head.push_str(&line);
-                            if line == "\r\n" {
-                                break;
-                            }
-                        }
-                        let length = head
-                            .lines()
-                            .find_map(|line| {
-                                let (name, value) = line.split_once(':')?;
-                                name.eq_ignore_ascii_case("content-length")
-                                    .then(|| value.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        let mut body = vec![0u8; length];
-                        if stream.read_exact(&mut body).await.is_err() {
+                        let Some(head) = common::read_request(&mut stream).await else {
                             return;
-                        }
+                        };
                         kept.lock().unwrap().push(head);
                         if request < answered {
                             let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";

@@ -517,17 +517,38 @@ fn parse_answer(bytes: &[u8]) -> Option<((u16, serde_json::Value), usize)> {
     let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&bytes[..head_end]);
     let status: u16 = head[9..12].parse().unwrap();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .expect("answer without Content-Length");
+    let length = content_length(&head).expect("answer without Content-Length");
     let body = bytes.get(head_end..head_end + length)?;
     let json = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     Some(((status, json), head_end + length))
+}
+
+/// The `Content-Length` a message head names, if any.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().unwrap())
+    })
+}
+
+/// Reads one request as a scripted upstream does: its head, to the empty line, which it
+/// answers, and its `Content-Length` body, read and dropped. `None` once the connection ends.
+pub async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; content_length(&head).unwrap_or(0)];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(head)
 }
 
 /// Sends a WebSocket handshake for `path` with extra header lines; answers the status and,
