@@ -211,7 +211,7 @@ impl UpstreamClient {
 /// decides. RFC 9110 §9.2.2 allows it for every idempotent method, and nginx also sends PUT
 /// and DELETE again; but a business API's DELETE of an order line, done twice, answers 404 to
 /// a DELETE that worked.
-fn replayable<B: Body>(request: &Request<B>) -> bool {
+fn replayable(request: &Request<UpstreamBody>) -> bool {
     request.method().is_safe() && request.body().is_end_stream()
 }
 

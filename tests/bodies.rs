@@ -141,13 +141,7 @@ async fn an_upstream_that_never_completes_the_connection_is_502() {
     let blackhole = socket.listen(0).unwrap();
     let addr = blackhole.local_addr().unwrap();
     let _queued = TcpStream::connect(addr).await.unwrap();
-    let gw = Harness::start_with(Setup {
-        sections: format!(
-            "[[routes]]\npath = \"/blackhole/\"\nupstream = \"http://{addr}\"\nauth = \"public\"\n"
-        ),
-        ..Setup::default()
-    })
-    .await;
+    let gw = Harness::with_public_route("/blackhole/", addr).await;
     // The route's timeout is the default 30 s: the connect timeout, well within it, decides.
     let (status, body) = gw.get("/blackhole/x", &[]).await;
     assert_eq!(

@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::{Harness, Setup, bounded, read_answer, read_answers};
+use common::{Harness, bounded, read_answer, read_answers, read_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -95,26 +95,7 @@ impl Scripted {
 }
 
 async fn gateway_before(upstream: &Scripted) -> Harness {
-    Harness::start_with(Setup {
-        sections: format!(
-            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{}\"\nauth = \"public\"\n",
-            upstream.addr
-        ),
-        ..Setup::default()
-    })
-    .await
-}
-
-/// Reads from `stream` until `bytes` holds `end`; everything read.
-async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
-    let mut bytes = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !bytes.windows(end.len()).any(|window| window == end) {
-        let read = bounded(stream.read(&mut buffer)).await.unwrap();
-        assert!(read > 0, "closed before {:?}", String::from_utf8_lossy(end));
-        bytes.extend_from_slice(&buffer[..read]);
-    }
-    String::from_utf8(bytes).unwrap()
+    Harness::with_public_route("/s/", upstream.addr).await
 }
 
 fn get(path: &str) -> String {

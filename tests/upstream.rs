@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{Harness, Setup, read_answer, read_answers};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{Harness, read_answer, read_answers, read_until};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn get(stream: &mut TcpStream, path: &str) -> (u16, serde_json::Value) {
@@ -98,14 +98,7 @@ impl HangingUp {
     }
 
     async fn gateway(&self) -> Harness {
-        Harness::start_with(Setup {
-            sections: format!(
-                "[[routes]]\npath = \"/flaky/\"\nupstream = \"http://{}\"\nauth = \"public\"\n",
-                self.addr
-            ),
-            ..Setup::default()
-        })
-        .await
+        Harness::with_public_route("/flaky/", self.addr).await
     }
 
     fn heads(&self) -> Vec<String> {
@@ -142,12 +135,7 @@ async fn a_safe_request_dropped_on_a_kept_connection_goes_again_once_on_a_new_on
     assert_eq!(status, 200);
     let head = "HEAD /flaky/third HTTP/1.1\r\nHost: gw\r\n\r\n";
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    while !answer.ends_with("\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(common::bounded(stream.read(&mut byte)).await.unwrap(), 1);
-        answer.push(byte[0] as char);
-    }
+    let answer = read_until(&mut stream, b"\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert_eq!(
         upstream.requests(),

@@ -351,6 +351,17 @@ impl Harness {
         Harness::start_with(Setup::default()).await
     }
 
+    /// A gateway whose one more route, `path`, is a public one to `upstream`.
+    pub async fn with_public_route(path: &str, upstream: SocketAddr) -> Harness {
+        Harness::start_with(Setup {
+            sections: format!(
+                "[[routes]]\npath = \"{path}\"\nupstream = \"http://{upstream}\"\nauth = \"public\"\n"
+            ),
+            ..Setup::default()
+        })
+        .await
+    }
+
     pub async fn start_with(setup: Setup) -> Harness {
         let mock = MockWechat::new();
         let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -597,7 +608,6 @@ pub async fn assert_echoed(tunnel: &mut BufReader<TcpStream>, bytes: &[u8]) {
     assert_eq!(echoed, bytes);
 }
 
-/// A plain HTTP client for talking to the servers under test.
 /// POSTs a JSON `body` to `url`, with a bearer `token` when given: (status, JSON body or null).
 pub async fn post_json(
     client: &reqwest::Client,
@@ -621,6 +631,7 @@ pub async fn post_json(
     )
 }
 
+/// A plain HTTP client for talking to the servers under test.
 pub fn http_client() -> reqwest::Client {
     // reqwest is built without a bundled TLS crypto provider (see wechat/mod.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -629,6 +640,18 @@ pub fn http_client() -> reqwest::Client {
         .timeout(ANSWER_BOUND)
         .build()
         .unwrap()
+}
+
+/// Reads from `stream` until `bytes` holds `end`; everything read.
+pub async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !bytes.windows(end.len()).any(|window| window == end) {
+        let read = bounded(stream.read(&mut buffer)).await.unwrap();
+        assert!(read > 0, "closed before {:?}", String::from_utf8_lossy(end));
+        bytes.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8(bytes).unwrap()
 }
 
 /// Awaits a read from one of the servers under test, failing the test after [`ANSWER_BOUND`].
