@@ -376,6 +376,7 @@ struct Seen<'h> {
     host: Option<&'h [u8]>,
     authorization: Option<&'h [u8]>,
     request_id: Option<&'h [u8]>,
+    content_length: bool,
     repeated: bool,
     not_taken: bool,
 }
@@ -408,7 +409,10 @@ fn plan<'s>(
             Name::Authorization => {
                 seen.repeated |= seen.authorization.replace(header.value).is_some();
             }
-            Name::ContentLength => seen.not_taken |= header.value != b"0",
+            Name::ContentLength => {
+                seen.repeated |= std::mem::replace(&mut seen.content_length, true);
+                seen.not_taken |= header.value != b"0";
+            }
             Name::Connection => {
                 seen.not_taken |= !token_is(header.value.trim_ascii(), b"keep-alive");
             }
