@@ -34,6 +34,7 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
         }
         "two-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        "equal-lengths" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
         "interim" => {
             b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
               HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -321,4 +322,29 @@ async fn a_repeated_content_length_is_left_to_hyper_which_sends_it_once() {
         .matches("content-length")
         .count();
     assert_eq!(lengths, 1, "{}", heads[0]);
+}
+
+#[tokio::test]
+async fn an_answer_with_its_length_twice_reaches_the_client_with_it_once_on_both_paths() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(get("/s/equal-lengths").as_bytes())
+        .await
+        .unwrap();
+    let on_the_lane = read_until(&mut stream, b"\r\n\r\nok").await;
+    stream
+        .write_all(b"POST /s/equal-lengths HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx")
+        .await
+        .unwrap();
+    let on_hyper = read_until(&mut stream, b"\r\n\r\nok").await;
+    for answer in [on_the_lane, on_hyper] {
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        let lengths = answer
+            .to_ascii_lowercase()
+            .matches("content-length: 2")
+            .count();
+        assert_eq!(lengths, 1, "{answer}");
+    }
 }

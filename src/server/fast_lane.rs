@@ -1112,10 +1112,12 @@ fn rewrite_response_head(
     out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut lines = KeptLines::of(head);
+    // Lengths past the first are equal to it (checked above), and hyper passes one on.
+    let mut length_kept = false;
     for (header, class) in response.headers.iter().zip(classes) {
         let kept = match class {
             Name::Connection | Name::HopByHop | Name::TransferEncoding | Name::RequestId => false,
-            Name::ContentLength => true,
+            Name::ContentLength => !std::mem::replace(&mut length_kept, true),
             _ => !(names_hop_by_hop && named_by_connection(response.headers, header.name)),
         };
         if kept {
