@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
@@ -134,7 +135,8 @@ impl UpstreamClient {
     /// by a new one. Once the request has gone out it is sent again only when it is
     /// [`replayable`] and went out on a kept connection that the upstream closed or reset
     /// before answering: then once, on a new connection. The connection is kept for the next
-    /// request once the answer's head has come, unless it switched protocols.
+    /// request once the answer's head has come, unless it switched protocols or the answer is
+    /// refused for its framing ([`refused_framing`]), which is then the error.
     pub async fn send(
         &self,
         authority: &Authority,
@@ -164,6 +166,11 @@ impl UpstreamClient {
             let copy = (reused && replayable(&request)).then(|| bodiless_copy(&request));
             match sender.try_send_request(request).await {
                 Ok(response) => {
+                    // Its connection goes with it: where hyper and the upstream may disagree
+                    // on where an answer ends, the next one could be read from inside it.
+                    if let Some(why) = refused_framing(response.headers()) {
+                        return Err(why.into());
+                    }
                     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                         self.keep(authority, affinity, sender);
                     }
@@ -204,6 +211,28 @@ impl UpstreamClient {
             None => self.pool.keep(authority.clone(), sender),
         }
     }
+}
+
+/// Why an upstream's answer is refused for its framing, as the fast lane refuses it
+/// (`rewrite_response_head`). hyper's client decodes `chunked` alone and once: an answer with
+/// another transfer coding would reach the client still coded that way, with the header that
+/// said so removed as hop-by-hop. One with both `Transfer-Encoding` and `Content-Length` would
+/// go out with a length its decoded body does not have.
+fn refused_framing(headers: &HeaderMap) -> Option<&'static str> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    let first = codings.next()?;
+    if codings.next().is_some()
+        || !first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked")
+    {
+        return Some("the upstream's answer has a Transfer-Encoding other than chunked");
+    }
+    if headers.contains_key(CONTENT_LENGTH) {
+        return Some("the upstream's answer has both Transfer-Encoding and Content-Length");
+    }
+    None
 }
 
 /// Whether a request may be sent a second time after the upstream may have read it: a safe
