@@ -119,6 +119,16 @@ pub async fn forward(
         }
         Ok(Ok(response)) => response,
     };
+    // The upstream has switched its connection to a protocol the client never asked for: the
+    // client could do nothing with the answer, nor hyper with the connection after it.
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_none() {
+        tracing::warn!(
+            route = %route.config.path,
+            error = "the upstream's answer switches protocols unasked",
+            "upstream request failed"
+        );
+        return Err(Error::UpstreamUnavailable);
+    }
     remove_hop_by_hop(response.headers_mut());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some((protocol, client_side)) = upgrade

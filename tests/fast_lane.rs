@@ -50,6 +50,9 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
               HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         }
         "empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "switch" => {
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+        }
         "hop" => {
             b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: secret\r\n\
               X-Request-Id: upstream-chosen\r\nContent-Length: 2\r\n\r\nok"
@@ -154,8 +157,10 @@ async fn an_answer_ended_by_close_is_relayed_and_then_the_client_connection_clos
     assert_eq!(body, "until the end");
 }
 
+/// Answers framed two ways, coded past what the gateway decodes, or switching protocols for a
+/// request that asked for no upgrade.
 #[tokio::test]
-async fn an_answer_framed_two_ways_or_coded_past_chunked_is_a_502_on_both_paths() {
+async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
     let upstream = Scripted::start().await;
     let gw = gateway_before(&upstream).await;
     let refused = [
@@ -163,6 +168,7 @@ async fn an_answer_framed_two_ways_or_coded_past_chunked_is_a_502_on_both_paths(
         "/s/two-lengths",
         "/s/gzip-chunked",
         "/s/chunked-twice",
+        "/s/switch",
     ];
     // The lane takes the GETs; a POST with a body is hyper's, and so is its connection then.
     let mut on_the_lane = TcpStream::connect(gw.addr).await.unwrap();
