@@ -50,6 +50,10 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
               HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         }
         "empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "empty-with-length" => b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+        "not-modified" => {
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: \"v1\"\r\n\r\n"
+        }
         "switch" => {
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
         }
@@ -352,6 +356,28 @@ async fn a_repeated_content_length_is_left_to_hyper_which_sends_it_once() {
         .matches("content-length")
         .count();
     assert_eq!(lengths, 1, "{}", heads[0]);
+}
+
+#[tokio::test]
+async fn a_204_or_304_answer_reaches_the_client_without_a_length_on_both_paths() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    for (path, status_line) in [
+        ("/s/empty-with-length", "HTTP/1.1 204 No Content\r\n"),
+        ("/s/not-modified", "HTTP/1.1 304 Not Modified\r\n"),
+    ] {
+        let post = format!("POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx");
+        for request in [get(path), post] {
+            let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_until(&mut stream, b"\r\n\r\n").await;
+            assert!(answer.starts_with(status_line), "{answer}");
+            assert!(
+                !answer.to_ascii_lowercase().contains("content-length"),
+                "{answer}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

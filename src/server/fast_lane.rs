@@ -1112,8 +1112,9 @@ fn rewrite_response_head(
     out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut lines = KeptLines::of(head);
-    // Lengths past the first are equal to it (checked above), and hyper passes one on.
-    let mut length_kept = false;
+    // Lengths past the first are equal to it (checked above), and hyper passes one on. With a
+    // 204 or a 304 it passes none (RFC 9110 §8.6 forbids one on a 204).
+    let mut length_kept = status == 204 || status == 304;
     for (header, class) in response.headers.iter().zip(classes) {
         let kept = match class {
             Name::Connection | Name::HopByHop | Name::TransferEncoding | Name::RequestId => false,
