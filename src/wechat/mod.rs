@@ -976,6 +976,17 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
+        // tracing keeps one interest per callsite for the whole process. While a single
+        // dispatcher is registered, it asks only the default of the first thread to reach a
+        // callsite: a sibling test's thread, with no subscriber, would then mark hyper-util's
+        // lines "never" for every thread (tokio-rs/tracing#3611). A second dispatcher, never any
+        // thread's default, makes it ask every registered one, this test's among them.
+        let _second = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(std::io::sink)
+                .finish(),
+        );
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let (_mock, host) = start_mock().await;
