@@ -194,6 +194,18 @@ auth = "required"
     return path
 
 
+def es256_token_section(workdir):
+    """The `[token]` section of a gateway signing with ES256, with a key from `wxgate keygen`;
+    None when the binary cannot make one."""
+    keygen = subprocess.run([WXGATE, "keygen", "--alg", "ES256"], capture_output=True, text=True)
+    if keygen.returncode != 0:
+        return None
+    key = os.path.join(workdir, "es256.pem")
+    with open(key, "w") as f:
+        f.write(keygen.stdout)
+    return f'[token]\nalgorithm = "ES256"\nsigning_key = "{key}"'
+
+
 def login(port, code):
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/auth/login",
@@ -364,14 +376,11 @@ def main():
                               f'[token]\nsecret = "{JWT_SECRET}"', 'backend = "memory"')
         hs = procs.start("wxgate-hs256", [WXGATE, "--log-format", "json", "serve", "--config", hs_conf], env=env, core=PROXY_CORE)
 
-        es_key = os.path.join(workdir, "es256.pem")
-        keygen = subprocess.run([WXGATE, "keygen", "--alg", "ES256"], capture_output=True, text=True)
+        es_token = es256_token_section(workdir)
         es = None
-        if keygen.returncode == 0:
-            with open(es_key, "w") as f:
-                f.write(keygen.stdout)
+        if es_token:
             es_conf = wxgate_conf(workdir, "es", ports["es"], ports["mock"], ports["upstream"],
-                                  f'[token]\nalgorithm = "ES256"\nsigning_key = "{es_key}"', 'backend = "memory"')
+                                  es_token, 'backend = "memory"')
             es = procs.start("wxgate-es256", [WXGATE, "--log-format", "json", "serve", "--config", es_conf], env=env, core=PROXY_CORE)
 
         verify_conf = nginx_conf(workdir, "verify", f"""

@@ -33,8 +33,8 @@ import subprocess
 import sys
 import tempfile
 
-from bench import (JWT_SECRET, WXGATE, Procs, free_port, login, login_script, start_upstream, wait_port,
-                   wxgate_conf)
+from bench import (JWT_SECRET, WXGATE, Procs, es256_token_section, free_port, login, login_script,
+                   start_upstream, wait_port, wxgate_conf)
 
 # The gateway's environment under callgrind: one worker, and copies counted by their vector loop.
 GATEWAY_ENV = dict(os.environ, TOKIO_WORKER_THREADS="1", RUST_LOG="warn",
@@ -80,12 +80,10 @@ def main():
         ports = {name: free_port() for name in ("upstream", "mock", "hs256", "es256")}
         start_upstream(procs, workdir, ports["upstream"])
         procs.start("mock", [WXGATE, "mock-wechat", "--listen", f"127.0.0.1:{ports['mock']}"])
-        es_key = os.path.join(workdir, "es256.pem")
-        with open(es_key, "w") as f:
-            f.write(subprocess.run([WXGATE, "keygen", "--alg", "ES256"], capture_output=True, text=True,
-                                   check=True).stdout)
         token_sections = {"hs256": f'[token]\nsecret = "{JWT_SECRET}"',
-                          "es256": f'[token]\nalgorithm = "ES256"\nsigning_key = "{es_key}"'}
+                          "es256": es256_token_section(workdir)}
+        if not token_sections["es256"]:
+            sys.exit("wxgate keygen --alg ES256 failed")
         gateways = {}
         for name, token_section in token_sections.items():
             config = wxgate_conf(workdir, name, ports[name], ports["mock"], ports["upstream"],

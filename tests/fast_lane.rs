@@ -120,6 +120,11 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: gw\r\nX-Spelled-So: 1\r\n\r\n")
 }
 
+/// A request with a body, which the lane hands to hyper with the rest of its connection.
+fn post(path: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx")
+}
+
 #[tokio::test]
 async fn a_chunked_answer_passes_in_its_chunks_and_the_connections_go_on() {
     let upstream = Scripted::start().await;
@@ -178,8 +183,7 @@ async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
     let mut on_the_lane = TcpStream::connect(gw.addr).await.unwrap();
     let mut on_hyper = TcpStream::connect(gw.addr).await.unwrap();
     for path in refused {
-        let post = format!("POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx");
-        for (stream, request) in [(&mut on_the_lane, get(path)), (&mut on_hyper, post)] {
+        for (stream, request) in [(&mut on_the_lane, get(path)), (&mut on_hyper, post(path))] {
             stream.write_all(request.as_bytes()).await.unwrap();
             let (status, body) = read_answer(stream).await;
             assert_eq!(status, 502, "{request}");
@@ -366,8 +370,7 @@ async fn a_204_or_304_answer_reaches_the_client_without_a_length_on_both_paths()
         ("/s/empty-with-length", "HTTP/1.1 204 No Content\r\n"),
         ("/s/not-modified", "HTTP/1.1 304 Not Modified\r\n"),
     ] {
-        let post = format!("POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx");
-        for request in [get(path), post] {
+        for request in [get(path), post(path)] {
             let mut stream = TcpStream::connect(gw.addr).await.unwrap();
             stream.write_all(request.as_bytes()).await.unwrap();
             let answer = read_until(&mut stream, b"\r\n\r\n").await;
@@ -391,7 +394,7 @@ async fn an_answer_with_its_length_twice_reaches_the_client_with_it_once_on_both
         .unwrap();
     let on_the_lane = read_until(&mut stream, b"\r\n\r\nok").await;
     stream
-        .write_all(b"POST /s/equal-lengths HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx")
+        .write_all(post("/s/equal-lengths").as_bytes())
         .await
         .unwrap();
     let on_hyper = read_until(&mut stream, b"\r\n\r\nok").await;
