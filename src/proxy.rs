@@ -6,7 +6,7 @@ use std::error::Error as StdError;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
+use http::header::{AUTHORIZATION, CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::{Either, Empty, LengthLimitError, Limited};
@@ -29,6 +29,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+const CHUNKED: HeaderValue = HeaderValue::from_static("chunked");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`,
 /// and `HTTP2-Settings`, which belongs to an `h2c` upgrade): they describe one connection and
@@ -41,8 +42,8 @@ pub(crate) static HOP_BY_HOP: [HeaderName; 10] = [
     http::header::PROXY_AUTHORIZATION,
     http::header::TE,
     http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
+    TRANSFER_ENCODING,
+    UPGRADE,
     HeaderName::from_static("http2-settings"),
 ];
 
@@ -98,6 +99,12 @@ pub async fn forward(
     let body = if body.is_end_stream() {
         Either::Right(Empty::new())
     } else {
+        // hyper's client sends a GET, HEAD or CONNECT without a length as bodiless, dropping
+        // the body a client streamed with it (chunked, or HTTP/2 without `content-length`);
+        // said outright, the coding holds for every method.
+        if body.size_hint().exact().is_none() {
+            headers.insert(TRANSFER_ENCODING, CHUNKED);
+        }
         Either::Left(Limited::new(body, limit))
     };
     let sent = state.services.upstream.send(
@@ -345,6 +352,22 @@ pub fn client_ip(trusted_proxies: &[IpNet], peer: IpAddr, headers: &HeaderMap) -
         }
     }
     client
+}
+
+/// True when a message's `Transfer-Encoding` is anything but `chunked`, once: a coding
+/// under it, or `chunked` twice. hyper decodes the last `chunked` alone and the header goes
+/// as hop-by-hop, so the rest of the coding would reach the other side with nothing to say
+/// so. A message without the header is not coded at all.
+pub(crate) fn coded_past_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    let Some(first) = codings.next() else {
+        return false;
+    };
+    codings.next().is_some()
+        || !first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked")
 }
 
 /// True when the body's declared length (hyper takes it from `Content-Length`) is over

@@ -219,17 +219,10 @@ impl UpstreamClient {
 /// said so removed as hop-by-hop. One with both `Transfer-Encoding` and `Content-Length` would
 /// go out with a length its decoded body does not have.
 fn refused_framing(headers: &HeaderMap) -> Option<&'static str> {
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
-    let first = codings.next()?;
-    if codings.next().is_some()
-        || !first
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"chunked")
-    {
+    if crate::proxy::coded_past_chunked(headers) {
         return Some("the upstream's answer has a Transfer-Encoding other than chunked");
     }
-    if headers.contains_key(CONTENT_LENGTH) {
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Some("the upstream's answer has both Transfer-Encoding and Content-Length");
     }
     None

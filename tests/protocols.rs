@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +12,8 @@ use common::{
     ANSWER_BOUND, APPID, Harness, Setup, assert_echoed, echoed_header, greeting, read_answer,
     websocket,
 };
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -152,6 +154,26 @@ async fn h2c_request_is_proxied_with_the_identity() {
     assert_eq!(echoed_header(&echo, "x-wx-openid"), [openid.as_str()]);
     assert_eq!(echo["uri"], "/api/orders?x=1");
     assert_eq!(echoed_header(&echo, "host"), [gw.addr.to_string().as_str()]);
+}
+
+#[tokio::test]
+async fn an_h2c_get_with_a_body_of_unknown_length_passes_it_on() {
+    let gw = Harness::start().await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let frames =
+        ["hello", " world"].map(|part| Ok::<_, Infallible>(Frame::data(Bytes::from(part))));
+    let request = http::Request::get(gw.url("/api/public/echo-body"))
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed, "hello world");
 }
 
 #[tokio::test]

@@ -752,6 +752,9 @@ impl Drop for Record<'_> {
 }
 
 /// The checks in SPEC §4 order: path, route, method, token, body size; then the answer.
+/// Before them all, a body in a transfer coding the gateway would not pass on: on any route,
+/// the request could not go on as the client sent it (nginx answers 501; SPEC §4 has
+/// `bad_request`).
 async fn dispatch(
     state: &State,
     request: Request<Incoming>,
@@ -759,6 +762,13 @@ async fn dispatch(
     request_id: &HeaderValue,
     route_series: &mut Arc<RouteSeries>,
 ) -> Result<Response<ResponseBody>, Error> {
+    if proxy::coded_past_chunked(request.headers()) {
+        return Err(Error::BadRequest(
+            "the request's Transfer-Encoding is not chunked alone, and the gateway passes on \
+             no other coding"
+                .into(),
+        ));
+    }
     let path = request.uri().path();
     routes::check_path(path)?;
     if auth::owns_path(state, path) {
