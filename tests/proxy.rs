@@ -4,8 +4,12 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{APPID, Harness, JWT_SECRET, OTHER_APPID, Setup, echoed_header};
+use common::{
+    APPID, Harness, JWT_SECRET, OTHER_APPID, Setup, echoed_header, read_answer, read_answers,
+};
 use jsonwebtoken::{EncodingKey, Header};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use wxgate::mock::wechat::MockWechat;
 
 fn now() -> u64 {
@@ -694,6 +698,38 @@ async fn forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
     );
     assert_eq!(echoed_header(&echo, "x-forwarded-proto"), ["https"]);
     assert_eq!(echoed_header(&echo, "x-forwarded-host"), ["evil.example"]);
+}
+
+#[tokio::test]
+async fn a_request_without_a_host_or_with_two_is_400_and_never_reaches_the_upstream() {
+    let gw = Harness::start().await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // Passed on, either would leave the upstream, or a proxy in front of the gateway, free to
+    // take a host of its own choosing.
+    stream
+        .write_all(
+            b"GET /api/public/x HTTP/1.1\r\n\r\n\
+              GET /api/public/x HTTP/1.1\r\nHost: gw\r\nHost: evil.example\r\n\r\n\
+              GET /api/public/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answers = read_answers(&mut stream, 3).await;
+    for (status, body) in &answers[..2] {
+        assert_eq!(*status, 400);
+        assert_eq!(body["error"], "bad_request");
+        assert!(body["message"].as_str().unwrap().contains("Host"), "{body}");
+    }
+    assert_eq!(answers[2].0, 200);
+    assert_eq!(echoed_header(&answers[2].1, "host"), ["gw"]);
+    assert_eq!(gw.upstream.requests_seen(), 1);
+    // HTTP/1.0 has no Host to require.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/public/x HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut stream).await.0, 200);
 }
 
 #[tokio::test]

@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -751,10 +751,8 @@ impl Drop for Record<'_> {
     }
 }
 
-/// The checks in SPEC §4 order: path, route, method, token, body size; then the answer.
-/// Before them all, a body in a transfer coding the gateway would not pass on: on any route,
-/// the request could not go on as the client sent it (nginx answers 501; SPEC §4 has
-/// `bad_request`).
+/// The checks in SPEC §4 order, after [`malformed`]: path, route, method, token, body size;
+/// then the answer.
 async fn dispatch(
     state: &State,
     request: Request<Incoming>,
@@ -762,12 +760,8 @@ async fn dispatch(
     request_id: &HeaderValue,
     route_series: &mut Arc<RouteSeries>,
 ) -> Result<Response<ResponseBody>, Error> {
-    if proxy::coded_past_chunked(request.headers()) {
-        return Err(Error::BadRequest(
-            "the request's Transfer-Encoding is not chunked alone, and the gateway passes on \
-             no other coding"
-                .into(),
-        ));
+    if let Some(why) = malformed(&request) {
+        return Err(Error::BadRequest(why.into()));
     }
     let path = request.uri().path();
     routes::check_path(path)?;
@@ -802,6 +796,25 @@ async fn dispatch(
     )
     .await?;
     Ok(response.map(Either::Left))
+}
+
+/// Why a request cannot go on as the client sent it, on any route. RFC 9112 has a server
+/// refuse an HTTP/1.1 request without `Host`, and any with two: the upstream, or a proxy in
+/// front, could take another host than the one passed on. A body in a transfer coding the
+/// gateway would not pass on comes next. nginx answers these 400, and the coding 501; SPEC §4
+/// has `bad_request` for them all.
+fn malformed(request: &Request<Incoming>) -> Option<&'static str> {
+    let hosts = request.headers().get_all(HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+        return Some("an HTTP/1.1 request carries one Host header, and no request carries two");
+    }
+    if proxy::coded_past_chunked(request.headers()) {
+        return Some(
+            "the request's Transfer-Encoding is not chunked alone, and the gateway passes on no \
+             other coding",
+        );
+    }
+    None
 }
 
 /// The client's `X-Request-Id` (`sent`) when it is short and plain (so it can go into logs and
