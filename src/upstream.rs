@@ -213,6 +213,11 @@ impl UpstreamClient {
     }
 }
 
+/// The longest answer head taken from an upstream, on both paths, as for a request. hyper's
+/// client would otherwise take one of up to 400 KiB (its `max_buf_size`, which it checks only
+/// while a head is unfinished, so a larger head read in one go passes it too).
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// Why an upstream's answer is refused for its framing, as the fast lane refuses it
 /// (`rewrite_response_head`). hyper's client decodes `chunked` alone and once: an answer with
 /// another transfer coding would reach the client still coded that way, with the header that
@@ -339,7 +344,10 @@ pub async fn connect_socket(authority: &Authority) -> Result<TcpStream, SendErro
 
 async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, SendError> {
     let stream = connect_socket(authority).await?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    let (sender, connection) = http1::Builder::new()
+        .max_header_size(MAX_RESPONSE_HEAD)
+        .handshake(TokioIo::new(stream))
+        .await?;
     tokio::spawn(async move {
         if let Err(err) = connection.with_upgrades().await {
             tracing::debug!(error = %err, "upstream connection ended");

@@ -61,6 +61,8 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: secret\r\n\
               X-Request-Id: upstream-chosen\r\nContent-Length: 2\r\n\r\nok"
         }
+        "head-at-limit" => return (answer_with_head_of(HEAD_LIMIT), false),
+        "head-over-limit" => return (answer_with_head_of(HEAD_LIMIT + 1), false),
         "big" => {
             let mut answer =
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_LEN}\r\n\r\n").into_bytes();
@@ -70,6 +72,20 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
         _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     };
     (answer.to_vec(), name == "close")
+}
+
+/// The longest answer head the gateway takes from an upstream.
+const HEAD_LIMIT: usize = 64 * 1024;
+
+/// An answer `ok` whose head, its blank line included, is `len` bytes.
+fn answer_with_head_of(len: usize) -> Vec<u8> {
+    let bare = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: \r\n\r\n";
+    let pad = "p".repeat(len - bare.len());
+    let mut answer = bare
+        .replace("X-Pad: ", &format!("X-Pad: {pad}"))
+        .into_bytes();
+    answer.extend_from_slice(b"ok");
+    answer
 }
 
 impl Scripted {
@@ -166,8 +182,8 @@ async fn an_answer_ended_by_close_is_relayed_and_then_the_client_connection_clos
     assert_eq!(body, "until the end");
 }
 
-/// Answers framed two ways, coded past what the gateway decodes, or switching protocols for a
-/// request that asked for no upgrade.
+/// Answers framed two ways, coded past what the gateway decodes, switching protocols for a
+/// request that asked for no upgrade, or with a head over the limit.
 #[tokio::test]
 async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
     let upstream = Scripted::start().await;
@@ -178,6 +194,7 @@ async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
         "/s/gzip-chunked",
         "/s/chunked-twice",
         "/s/switch",
+        "/s/head-over-limit",
     ];
     // The lane takes the GETs; a POST with a body is hyper's, and so is its connection then.
     let mut on_the_lane = TcpStream::connect(gw.addr).await.unwrap();
@@ -406,4 +423,21 @@ async fn an_answer_with_its_length_twice_reaches_the_client_with_it_once_on_both
             .count();
         assert_eq!(lengths, 1, "{answer}");
     }
+}
+
+#[tokio::test]
+async fn an_answer_head_at_the_limit_passes_on_both_paths() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    for request in [get("/s/head-at-limit"), post("/s/head-at-limit")] {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{request}");
+        assert!(answer.contains(&"p".repeat(60_000)), "{request}");
+    }
+    // The lane kept the client's spelling; hyper lower-cased it.
+    let heads = upstream.heads();
+    assert!(heads[0].contains("X-Spelled-So: 1"), "{}", heads[0]);
+    assert!(heads[1].contains("host: gw"), "{}", heads[1]);
 }

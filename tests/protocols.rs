@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    ANSWER_BOUND, APPID, Harness, Setup, assert_echoed, echoed_header, greeting, read_answer,
-    websocket,
+    ANSWER_BOUND, APPID, Harness, Setup, assert_echoed, bounded, echoed_header, greeting,
+    read_answer, read_answers, websocket,
 };
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
@@ -278,6 +278,41 @@ async fn the_connection_cap_holds_further_clients_until_a_slot_frees() {
     let answered = tokio::time::timeout(CLOSE_BOUND, read_answer(&mut second)).await;
     assert_eq!(answered.expect("the freed slot was never used").0, 200);
     assert_eq!(gw.upstream.requests_seen(), 3);
+}
+
+#[tokio::test]
+async fn a_request_head_over_64_kib_gets_431_on_both_paths_and_one_at_it_passes() {
+    let gw = Harness::start().await;
+    // A head of `len` bytes, its blank line included.
+    let head_of = |len: usize| {
+        let bare = "GET /api/public/x HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n";
+        bare.replace(
+            "X-Pad: ",
+            &format!("X-Pad: {}", "p".repeat(len - bare.len())),
+        )
+    };
+    let limit = 64 * 1024;
+    // The first request of a connection is read by the fast lane; after a request with a
+    // body, hyper reads the connection.
+    let to_hyper = "POST /api/public/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx";
+    for before in ["", to_hyper] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        let request = format!("{before}{}", head_of(limit));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answers = read_answers(&mut stream, 1 + usize::from(!before.is_empty())).await;
+        assert_eq!(answers.last().unwrap().0, 200, "after {before:?}");
+
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        let request = format!("{before}{}", head_of(limit + 1));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The gateway closes with the rest of the head unread, which resets the connection
+        // once the answer is in: what came before the reset is what counts.
+        let mut answer = Vec::new();
+        let _ = bounded(stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        let last = answer.rsplit("HTTP/1.1 ").next().unwrap();
+        assert!(last.starts_with("431 "), "after {before:?}: {answer}");
+    }
 }
 
 #[tokio::test]

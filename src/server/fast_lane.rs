@@ -48,9 +48,6 @@ const HEAD_BUFFER: usize = 8 * 1024;
 /// hyper's own limit on the number of headers in a message.
 const MAX_HEADERS: usize = 100;
 
-/// The longest response head taken from an upstream, as for a request.
-const MAX_RESPONSE_HEAD: usize = super::MAX_HEADER_BYTES;
-
 /// How much of a response body is read from the upstream at a time.
 const BODY_BUFFER: usize = 16 * 1024;
 
@@ -994,6 +991,11 @@ async fn read_response_head(
                 &mut headers,
             ) {
                 Ok(httparse::Status::Complete(head_len)) => {
+                    // A head that arrived whole in one read never meets the check on an
+                    // unfinished one below.
+                    if head_len > upstream::MAX_RESPONSE_HEAD {
+                        return Err(malformed("has a head over 64 KiB"));
+                    }
                     let code = response.code.unwrap_or_default();
                     if (100..200).contains(&code) && code != 101 {
                         Some(Err(head_len))
@@ -1017,7 +1019,7 @@ async fn read_response_head(
             }
             None => {}
         }
-        if buffer.len() >= MAX_RESPONSE_HEAD {
+        if buffer.len() >= upstream::MAX_RESPONSE_HEAD {
             return Err(malformed("has a head over 64 KiB"));
         }
         buffer.reserve(BODY_BUFFER);

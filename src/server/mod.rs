@@ -144,7 +144,10 @@ impl Protocols {
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .max_buf_size(MAX_HEADER_BYTES);
+            // `max_buf_size` is checked only while a head is unfinished, so a longer head read
+            // in one go would pass it; `max_header_size` is checked on every head.
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_header_size(MAX_HEADER_BYTES);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
