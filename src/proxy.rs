@@ -137,6 +137,9 @@ pub async fn forward(
         return Err(Error::UpstreamUnavailable);
     }
     remove_hop_by_hop(response.headers_mut());
+    // The answer is the gateway's to send, in its own version (RFC 9110 §6.2): an upstream's
+    // `HTTP/1.0` would tell an HTTP/1.1 client that its connection closes after it.
+    *response.version_mut() = Version::HTTP_11;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some((protocol, client_side)) = upgrade
     {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::Authority;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
@@ -229,6 +229,15 @@ fn refused_framing(headers: &HeaderMap) -> Option<&'static str> {
     }
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Some("the upstream's answer has both Transfer-Encoding and Content-Length");
+    }
+    // hyper reads `2, 2` as a length of 2 and passes the line on as it came; the lane, like
+    // nginx, reads digits alone.
+    let plain_length = |value: &HeaderValue| {
+        let digits = value.as_bytes();
+        !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
+    };
+    if !headers.get_all(CONTENT_LENGTH).iter().all(plain_length) {
+        return Some("the upstream's answer has an unreadable Content-Length");
     }
     None
 }

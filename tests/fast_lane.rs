@@ -63,6 +63,11 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
         }
         "head-at-limit" => return (answer_with_head_of(HEAD_LIMIT), false),
         "head-over-limit" => return (answer_with_head_of(HEAD_LIMIT + 1), false),
+        "listed-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+        "status-under-100" => b"HTTP/1.1 099 Early\r\nContent-Length: 2\r\n\r\nok",
+        // An HTTP/1.0 answer without `keep-alive`: its connection ends with it, though this
+        // upstream leaves it open.
+        "http10" => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         "big" => {
             let mut answer =
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_LEN}\r\n\r\n").into_bytes();
@@ -182,8 +187,9 @@ async fn an_answer_ended_by_close_is_relayed_and_then_the_client_connection_clos
     assert_eq!(body, "until the end");
 }
 
-/// Answers framed two ways, coded past what the gateway decodes, switching protocols for a
-/// request that asked for no upgrade, or with a head over the limit.
+/// Answers framed two ways, coded past what the gateway decodes, with a length that is not
+/// plain digits or a status under 100, switching protocols for a request that asked for no
+/// upgrade, or with a head over the limit.
 #[tokio::test]
 async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
     let upstream = Scripted::start().await;
@@ -193,6 +199,8 @@ async fn answers_the_gateway_cannot_pass_on_are_a_502_on_both_paths() {
         "/s/two-lengths",
         "/s/gzip-chunked",
         "/s/chunked-twice",
+        "/s/listed-length",
+        "/s/status-under-100",
         "/s/switch",
         "/s/head-over-limit",
     ];
@@ -440,4 +448,21 @@ async fn an_answer_head_at_the_limit_passes_on_both_paths() {
     let heads = upstream.heads();
     assert!(heads[0].contains("X-Spelled-So: 1"), "{}", heads[0]);
     assert!(heads[1].contains("host: gw"), "{}", heads[1]);
+}
+
+#[tokio::test]
+async fn an_http10_answer_goes_out_as_http11_on_both_paths_and_its_connection_is_not_kept() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    for request in [get("/s/http10"), post("/s/http10"), post("/s/http10")] {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+        // An HTTP/1.0 status line would tell the client its connection closes after it.
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{request}: {answer}"
+        );
+    }
+    assert_eq!(upstream.connections(), 3);
 }

@@ -1049,6 +1049,10 @@ fn rewrite_response_head(
     if status == 101 {
         return Err("switches protocols unasked");
     }
+    // httparse takes any three digits; hyper, through `http::StatusCode`, none under 100.
+    if status < 100 {
+        return Err("has a status code under 100");
+    }
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut connection_close = false;
