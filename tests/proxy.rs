@@ -733,6 +733,35 @@ async fn a_request_without_a_host_or_with_two_is_400_and_never_reaches_the_upstr
 }
 
 #[tokio::test]
+async fn a_family_listed_in_protected_prefixes_is_removed_in_every_spelling_on_both_paths() {
+    let gw = Harness::start_with(Setup {
+        sections: "[identity]\nprotected_prefixes = [\"X-WX-\", \"X-Real-IP\"]\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let spoofed = "X-Real-IP: 6.6.6.1\r\nx_real_ip: 6.6.6.2\r\nX-REAL-IP-CHAIN: 6.6.6.3\r\n";
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // The GET is the fast lane's; the POST, with its body, hyper's.
+    let requests = format!(
+        "GET /api/public/x HTTP/1.1\r\nHost: gw\r\n{spoofed}X-Kept: 1\r\n\r\n\
+         POST /api/public/x HTTP/1.1\r\nHost: gw\r\n{spoofed}X-Kept: 1\r\nContent-Length: 1\r\n\r\nx"
+    );
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    for (status, echo) in read_answers(&mut stream, 2).await {
+        assert_eq!(status, 200);
+        assert_eq!(echoed_header(&echo, "x-kept"), ["1"], "{echo}");
+        let names: Vec<&str> = echo["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| pair[0].as_str().unwrap())
+            .collect();
+        assert!(!names.iter().any(|name| name.contains("real")), "{names:?}");
+        assert!(!echo.to_string().contains("6.6.6"), "{echo}");
+    }
+}
+
+#[tokio::test]
 async fn every_x_forwarded_for_line_of_a_trusted_proxy_is_kept() {
     let gw = Harness::start_with(Setup {
         server_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
