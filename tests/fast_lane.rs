@@ -466,3 +466,47 @@ async fn an_http10_answer_goes_out_as_http11_on_both_paths_and_its_connection_is
     }
     assert_eq!(upstream.connections(), 3);
 }
+
+#[tokio::test]
+async fn a_head_that_does_not_parse_is_a_json_400_and_the_gateway_keeps_serving() {
+    let upstream = Scripted::start().await;
+    let gw = gateway_before(&upstream).await;
+    let malformed: [&[u8]; 5] = [
+        b"GET /s/x HTTP/1.1\r\nHost: gw\r\nBad Name: 1\r\n\r\n",
+        b"GET /s/x HTTP/1.1\r\nHost: gw\r\nX-Folded: 1\r\n  more\r\n\r\n",
+        b"GET /s/x HTTP/1.1\r\nHost: gw\r\nX-Nul: a\x00b\r\n\r\n",
+        b"GET /s/x HTTP/2.0\r\nHost: gw\r\n\r\n",
+        b"GET /s/x HTTP/1.1\r\nHost: gw\r\nX-Smuggled : 1\r\n\r\n",
+    ];
+    for head in malformed {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(head).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = bounded(stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        let shown = String::from_utf8_lossy(head);
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{shown}: {answer}"
+        );
+        assert!(
+            answer.contains("connection: close\r\n"),
+            "{shown}: {answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], "bad_request", "{shown}");
+    }
+    // A hundred and one headers are too many, as hyper counts them.
+    let many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!("GET /s/x HTTP/1.1\r\nHost: gw\r\n{many}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    assert!(upstream.heads().is_empty());
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(get("/s/x").as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}

@@ -10,11 +10,12 @@
 //! buffer and relays the answer with its framing checked.
 //!
 //! It takes only what it is sure of. Anything else (a body, `Transfer-Encoding`, `Expect`,
-//! `Connection` other than `keep-alive` (so any upgrade), `CONNECT`, a repeated `Host`, `Content-Length` or
-//! `Authorization`, HTTP/1.0, a target that is not in origin form, a head that does not parse,
-//! the gateway's own endpoints) is handed to hyper with the bytes read so far, and hyper serves
+//! `Connection` other than `keep-alive` (so any upgrade), `CONNECT`, a repeated `Host`,
+//! `Content-Length` or `Authorization`, HTTP/1.0, a target that is not in origin form, the
+//! gateway's own endpoints) is handed to hyper with the bytes read so far, and hyper serves
 //! the connection from there until it next idles. So a request that could be read two ways is
-//! never read by the lane at all.
+//! never read by the lane at all. A head that does not parse is refused here, as hyper would
+//! refuse it, but with the gateway's JSON answer rather than hyper's empty one.
 
 use std::borrow::Cow;
 use std::io;
@@ -118,7 +119,9 @@ pub(super) async fn serve(
                         Step::ReadMore
                     }
                     Ok(httparse::Status::Partial) => Step::TooLarge,
-                    Err(_) => Step::Handover,
+                    // hyper answers too many headers 431, as the lane does a head too long.
+                    Err(httparse::Error::TooManyHeaders) => Step::TooLarge,
+                    Err(_) => Step::Malformed,
                 }
             };
             match step {
@@ -131,11 +134,24 @@ pub(super) async fn serve(
                 }
                 Step::ReadMore => Step::ReadMore,
                 Step::TooLarge => Step::TooLarge,
+                Step::Malformed => Step::Malformed,
                 Step::Handover => Step::Handover,
             }
         };
         match step {
             Step::Handover => break Ended::Handover(pending),
+            Step::Malformed => {
+                // hyper, which parses with httparse too, would refuse the head with an empty
+                // 400 and close; the gateway's refusals are JSON. The connection cannot go on:
+                // where the next request would start is unknown.
+                let malformed = Error::BadRequest(
+                    "the request line or headers do not parse as HTTP/1.1".into(),
+                );
+                let request_id = super::request_id(None);
+                write_error(&mut lane.out, malformed, request_id.as_bytes(), true);
+                let _ = stream.write_all(&lane.out).await;
+                break Ended::Closed;
+            }
             Step::TooLarge => {
                 // What hyper answers past `max_buf_size`. hyper enforces its limit only on a
                 // read that leaves the head unfinished, so a head handed over half read could
@@ -245,6 +261,7 @@ enum Step<A> {
     Answer(usize, A),
     ReadMore,
     TooLarge,
+    Malformed,
     Handover,
 }
 
