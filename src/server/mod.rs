@@ -809,7 +809,9 @@ async fn dispatch(
 fn malformed(request: &Request<Incoming>) -> Option<&'static str> {
     let hosts = request.headers().get_all(HOST).iter().count();
     if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
-        return Some("an HTTP/1.1 request carries one Host header, and no request carries two");
+        return Some(
+            "an HTTP/1.1 request must carry one Host header, and no request may carry two",
+        );
     }
     if proxy::coded_past_chunked(request.headers()) {
         return Some(
