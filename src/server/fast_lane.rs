@@ -153,9 +153,9 @@ pub(super) async fn serve(
                 break Ended::Closed;
             }
             Step::TooLarge => {
-                // What hyper answers past `max_buf_size`. hyper enforces its limit only on a
-                // read that leaves the head unfinished, so a head handed over half read could
-                // arrive whole in its next read and pass: the lane keeps the limit itself.
+                // What hyper answers past its `max_header_size` or its header count. The
+                // lane's buffer stops at the same size, so it answers here rather than hand
+                // hyper a head that hyper would refuse.
                 let _ = stream.write_all(HEAD_TOO_LARGE).await;
                 break Ended::Closed;
             }
