@@ -213,10 +213,10 @@ impl UpstreamClient {
     }
 }
 
-/// The longest answer head taken from an upstream, on both paths, as for a request. hyper's
+/// The longest answer head taken from an upstream, on both paths: a request's limit. hyper's
 /// client would otherwise take one of up to 400 KiB (its `max_buf_size`, which it checks only
 /// while a head is unfinished, so a larger head read in one go passes it too).
-pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = crate::server::MAX_HEADER_BYTES;
 
 /// Why an upstream's answer is refused for its framing, as the fast lane refuses it
 /// (`rewrite_response_head`). hyper's client decodes `chunked` alone and once: an answer with

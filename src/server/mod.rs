@@ -88,7 +88,7 @@ struct Limits {
 
 /// The most a request's line and headers may take, whatever the protocol: enough for any
 /// sane client, small enough that a flood of huge headers cannot eat memory.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Where a listener is in its shutdown, as every connection it serves sees it.
 #[derive(Clone, Copy, PartialEq, Eq)]
