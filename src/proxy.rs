@@ -1,24 +1,30 @@
 //! Forwarding to the upstream: hop-by-hop and forwarded headers, identity (through
-//! [`crate::identity`]), the streamed body cap, the response timeout, and upgrades (SPEC §5).
+//! [`crate::identity`]), the streamed body cap, the response timeouts, and upgrades (SPEC §5).
 //! The connections themselves are [`crate::upstream`]'s.
 
 use std::error::Error as StdError;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::identity::Identity;
+use crate::metrics::RouteSeries;
 use crate::routes::Route;
 use crate::server::ClientConnection;
 use crate::state::State;
@@ -48,7 +54,8 @@ pub(crate) static HOP_BY_HOP: [HeaderName; 10] = [
 ];
 
 /// Sends the request on to the route's upstream and returns its response with the body still
-/// streaming. `identity` is the verified token of this request, if any.
+/// streaming, cut off should the upstream go silent in its middle. `identity` is the verified
+/// token of this request, if any.
 pub async fn forward(
     state: &State,
     route: &Route,
@@ -56,7 +63,7 @@ pub async fn forward(
     client: &ClientConnection,
     identity: Option<&Identity>,
     request_id: &HeaderValue,
-) -> Result<Response<Incoming>, Error> {
+) -> Result<Response<AnswerBody>, Error> {
     let uri = route.upstream_uri(request.uri())?;
     let mut request = request;
     // The protocol a client asks to switch to (WebSocket, most often), and the client side
@@ -161,7 +168,74 @@ pub async fn forward(
         // The tunnel's lines carry the request id, like the request's own.
         tokio::spawn(tunnel.instrument(tracing::Span::current()));
     }
-    Ok(response)
+    Ok(response.map(|body| AnswerBody {
+        inner: body,
+        limit: route.timeout(),
+        silence: None,
+        waiting: false,
+        route: route.series.clone(),
+        span: tracing::Span::current(),
+    }))
+}
+
+/// An upstream's answer body, cut off once the upstream sends nothing of it for the route's
+/// `timeout`: stalled in the middle of an answer, it would otherwise hold the client's
+/// connection, and its own, for ever. tower-http's `TimeoutBody` does as much, but makes a
+/// timer and puts it in the runtime's wheel for every frame, one already there included; this
+/// one has a timer only once the upstream keeps the body waiting, and keeps it.
+pub struct AnswerBody {
+    inner: Incoming,
+    limit: Duration,
+    silence: Option<Pin<Box<Sleep>>>,
+    /// The last poll found nothing: the silence under way is being timed.
+    waiting: bool,
+    route: Arc<RouteSeries>,
+    /// The request's, whose id the line that tells of a cut carries.
+    span: tracing::Span,
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let limit = this.limit;
+        let silence = this
+            .silence
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !this.waiting {
+            silence.as_mut().reset(Instant::now() + limit);
+            this.waiting = true;
+        }
+        if silence.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let why = "the upstream sent nothing more of its answer within the route's timeout";
+        this.span.in_scope(|| {
+            tracing::warn!(
+                route = this.route.label.as_str(),
+                error = why,
+                "upstream request failed"
+            )
+        });
+        Poll::Ready(Some(Err(why.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The protocols named by `Upgrade` when `Connection` asks for an upgrade, less `h2c`.

@@ -8,9 +8,10 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::{Harness, bounded, read_answer, read_answers, read_until};
+use common::{Harness, Setup, bounded, read_answer, read_answers, read_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// An upstream that answers each request with the canned answer its last path segment names,
 /// and keeps every request head it read.
@@ -68,6 +69,11 @@ fn canned(name: &str) -> (Vec<u8>, bool) {
         // An HTTP/1.0 answer without `keep-alive`: its connection ends with it, though this
         // upstream leaves it open.
         "http10" => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        // Part of an answer, and then nothing more on a connection left open, one of each
+        // framing.
+        "silent-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf",
+        "silent-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n",
+        "silent-close" => b"HTTP/1.0 200 OK\r\n\r\nhalf",
         "big" => {
             let mut answer =
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_LEN}\r\n\r\n").into_bytes();
@@ -509,4 +515,112 @@ async fn a_head_that_does_not_parse_is_a_json_400_and_the_gateway_keeps_serving(
     stream.write_all(get("/s/x").as_bytes()).await.unwrap();
     let answer = read_until(&mut stream, b"\r\n\r\nok").await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
+
+/// Reads what the gateway sends until it closes the connection (or resets it).
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = bounded(stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn an_upstream_silent_mid_answer_is_cut_off_after_the_route_timeout_on_both_paths() {
+    let upstream = Scripted::start().await;
+    let gw = Harness::start_with(Setup {
+        sections: format!(
+            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{}\"\nauth = \"public\"\ntimeout = \"1s\"\n",
+            upstream.addr
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let requests = ["silent-length", "silent-chunked", "silent-close"]
+        .into_iter()
+        .flat_map(|name| [get(&format!("/s/{name}")), post(&format!("/s/{name}"))]);
+    let cut_off = requests.map(|request| async move {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        (read_until_closed(&mut stream).await, request)
+    });
+    for (answer, request) in futures_util::future::join_all(cut_off).await {
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{request}: {answer}"
+        );
+        assert!(answer.contains("half"), "{request}: {answer}");
+        // Never ended as if whole: a chunked answer lacks its last chunk.
+        assert!(!answer.ends_with("0\r\n\r\n"), "{request}: {answer}");
+    }
+    // Each of the six went out on a connection of its own, closed once it went silent.
+    assert_eq!(upstream.connections(), 6);
+    // Over HTTP/2 the stream is reset, and the client sees its body fail.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let answer = bounded(h2.get(gw.url("/s/silent-length")).send())
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(bounded(answer.bytes()).await.is_err());
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(get("/s/x").as_bytes()).await.unwrap();
+    let answer = read_until(&mut stream, b"\r\n\r\nok").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
+
+/// An upstream that answers every request with an endless body, and tells when a connection
+/// it was writing to is closed under it.
+async fn endless_upstream() -> (SocketAddr, Arc<Notify>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(Notify::new());
+    let told = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let told = told.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                common::read_request(&mut stream).await.unwrap();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 40);
+                let stream = stream.get_mut();
+                let mut written = stream.write_all(head.as_bytes()).await;
+                let piece = vec![b'x'; 64 * 1024];
+                while written.is_ok() {
+                    written = stream.write_all(&piece).await;
+                }
+                told.notify_one();
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_header_timeout_on_both_paths() {
+    let (upstream, closed) = endless_upstream().await;
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"1s\"".into(),
+        sections: format!(
+            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{upstream}\"\nauth = \"public\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    for request in [get("/s/endless"), post("/s/endless")] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let head = read_until(&mut stream, b"\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{request}: {head}");
+        // The client reads no more, and the gateway gives up on it and on the upstream
+        // connection that feeds it.
+        bounded(closed.notified()).await;
+        let rest = read_until_closed(&mut stream).await;
+        assert!(rest.len() < 1 << 30, "{request}");
+    }
+    let (status, _) = gw.get("/api/public/after", &[]).await;
+    assert_eq!(status, 200);
 }

@@ -130,6 +130,28 @@ async fn websocket_on_a_public_route_carries_no_identity() {
 }
 
 #[tokio::test]
+async fn an_upgraded_client_that_stops_reading_is_cut_off_after_header_timeout() {
+    let gw = impatient("").await;
+    let (status, mut stream) = upgrade(&gw, "/api/public/ws", None).await;
+    assert_eq!(status, 101);
+    assert_eq!(greeting(&mut stream).await, "openid=");
+    // The client sends and sends, and reads none of what the upstream echoes: once every
+    // buffer on the way is full, the gateway gives up on it and closes the connection, which
+    // the next write finds.
+    let flood = vec![b'x'; 1 << 20];
+    let cut_off = tokio::time::timeout(CLOSE_BOUND, async {
+        loop {
+            if let Err(err) = stream.get_mut().write_all(&flood).await {
+                break err;
+            }
+        }
+    })
+    .await;
+    assert!(cut_off.is_ok(), "the stalled tunnel was not closed");
+    assert_eq!(served(&gw, "/api/public/after").await, 200);
+}
+
+#[tokio::test]
 async fn h2c_request_is_proxied_with_the_identity() {
     let gw = Harness::start().await;
     let token = gw.token("xavi").await;

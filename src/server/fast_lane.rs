@@ -79,6 +79,7 @@ pub(super) async fn serve(
         out: Vec::new(),
         from_upstream: Vec::new(),
         last_token: LastToken::default(),
+        header_timeout,
     };
     // Two timers for the whole connection: one for the client's head, one for the upstream's
     // answer. One timer moved back and forth between the two would be taken out of the timer
@@ -149,14 +150,14 @@ pub(super) async fn serve(
                 );
                 let request_id = super::request_id(None);
                 write_error(&mut lane.out, malformed, request_id.as_bytes(), true);
-                let _ = stream.write_all(&lane.out).await;
+                let _ = send(stream, &lane.out, &mut deadline, header_timeout).await;
                 break Ended::Closed;
             }
             Step::TooLarge => {
                 // What hyper answers past its `max_header_size` or its header count. The
                 // lane's buffer stops at the same size, so it answers here rather than hand
                 // hyper a head that hyper would refuse.
-                let _ = stream.write_all(HEAD_TOO_LARGE).await;
+                let _ = send(stream, HEAD_TOO_LARGE, &mut deadline, header_timeout).await;
                 break Ended::Closed;
             }
             Step::ReadMore => {
@@ -291,6 +292,8 @@ struct Lane {
     out: Vec<u8>,
     from_upstream: Vec<u8>,
     last_token: LastToken,
+    /// How long the client may take none of an answer's bytes.
+    header_timeout: Duration,
 }
 
 /// The headers the lane tells apart; the rest pass through.
@@ -780,7 +783,9 @@ impl Lane {
             Ok(route) => route,
             Err(error) => {
                 record.status = write_error(&mut self.out, error, request_id, draining);
-                return client.write_all(&self.out).await.is_ok();
+                return send(client, &self.out, deadline, self.header_timeout)
+                    .await
+                    .is_ok();
             }
         };
         // The route's timeout and the upstream's time count from the head's arrival rather
@@ -855,11 +860,15 @@ impl Lane {
                     }
                 };
                 record.status = write_error(&mut self.out, error, request_id, draining);
-                return client.write_all(&self.out).await.is_ok();
+                return send(client, &self.out, deadline, self.header_timeout)
+                    .await
+                    .is_ok();
             }
         };
         record.status = relayed.status;
-        let relayed_body = self.relay_body(&relayed, &mut upstream, client).await;
+        let relayed_body = self
+            .relay_body(&relayed, &mut upstream, client, deadline, route.timeout())
+            .await;
         match relayed_body {
             Ok(ended_clean) => {
                 if ended_clean && relayed.reusable {
@@ -867,7 +876,25 @@ impl Lane {
                 }
                 !matches!(relayed.framing, Framing::UntilClose)
             }
-            Err(_) => false,
+            Err(Cut::UpstreamSilent) => {
+                record.span.in_scope(|| {
+                    tracing::warn!(
+                        route = %route.config.path,
+                        error = "the upstream sent nothing more of its answer within the route's timeout",
+                        "upstream request failed"
+                    )
+                });
+                false
+            }
+            Err(Cut::ClientStalled) => {
+                record.span.in_scope(|| {
+                    tracing::debug!(
+                        "answer cut off: the client took none of it within header_timeout"
+                    )
+                });
+                false
+            }
+            Err(Cut::Failed) => false,
         }
     }
 
@@ -889,42 +916,54 @@ impl Lane {
     }
 
     /// Sends the head in `out` to the client, then the body as the upstream sends it. True
-    /// when the body ended where its framing says, with nothing after it.
+    /// when the body ended where its framing says, with nothing after it. The upstream may
+    /// send nothing for `upstream_limit` (the route's timeout) and the client take nothing
+    /// for `header_timeout` before the answer is cut off: otherwise an upstream stalled in the
+    /// middle of an answer, or a client that asked for a large one and reads none of it, would
+    /// hold both connections for ever.
     async fn relay_body(
         &mut self,
         relayed: &Relayed,
         upstream: &mut TcpStream,
         client: &mut TcpStream,
-    ) -> io::Result<bool> {
+        deadline: &mut Deadline<'_>,
+        upstream_limit: Duration,
+    ) -> Result<bool, Cut> {
         let Lane {
             out,
             from_upstream: buffer,
+            header_timeout,
             ..
         } = self;
+        let client_limit = *header_timeout;
+        let mut to_client = async |bytes: &[u8], deadline: &mut Deadline<'_>| {
+            send(client, bytes, deadline, client_limit)
+                .await
+                .map_err(Cut::of_client)
+        };
         let first = &buffer[relayed.body_from..];
         match relayed.framing {
             Framing::Empty => {
-                client.write_all(out).await?;
+                to_client(out, deadline).await?;
                 Ok(first.is_empty())
             }
             Framing::Length(length) => {
                 let available = first.len() as u64;
                 let taken = available.min(length) as usize;
                 out.extend_from_slice(&first[..taken]);
-                client.write_all(out).await?;
+                to_client(out, deadline).await?;
                 let mut left = length - taken as u64;
                 let clean = available <= length;
                 while left > 0 {
                     buffer.clear();
                     let wanted = left.min(BODY_BUFFER as u64) as usize;
                     buffer.reserve(wanted);
-                    let read = upstream
-                        .read_buf(&mut bytes::BufMut::limit(&mut *buffer, wanted))
-                        .await?;
+                    let mut within = bytes::BufMut::limit(&mut *buffer, wanted);
+                    let read = receive(upstream, &mut within, deadline, upstream_limit).await?;
                     if read == 0 {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
+                        return Err(Cut::Failed);
                     }
-                    client.write_all(buffer).await?;
+                    to_client(buffer, deadline).await?;
                     left -= read as u64;
                 }
                 Ok(clean)
@@ -933,8 +972,10 @@ impl Lane {
                 let mut chunks = Chunks::Size;
                 let mut consumed = relayed.body_from;
                 loop {
-                    let done = chunks.relay(buffer, &mut consumed, out)?;
-                    client.write_all(out).await?;
+                    let done = chunks
+                        .relay(buffer, &mut consumed, out)
+                        .map_err(|_| Cut::Failed)?;
+                    to_client(out, deadline).await?;
                     out.clear();
                     if done {
                         return Ok(consumed == buffer.len());
@@ -942,27 +983,93 @@ impl Lane {
                     buffer.drain(..consumed);
                     consumed = 0;
                     if buffer.len() > MAX_CHUNK_LINE {
-                        return Err(io::ErrorKind::InvalidData.into());
+                        return Err(Cut::Failed);
                     }
                     buffer.reserve(BODY_BUFFER);
-                    if upstream.read_buf(buffer).await? == 0 {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    if receive(upstream, buffer, deadline, upstream_limit).await? == 0 {
+                        return Err(Cut::Failed);
                     }
                 }
             }
             Framing::UntilClose => {
                 out.extend_from_slice(first);
-                client.write_all(out).await?;
+                to_client(out, deadline).await?;
                 loop {
                     buffer.clear();
                     buffer.reserve(BODY_BUFFER);
-                    if upstream.read_buf(buffer).await? == 0 {
+                    if receive(upstream, buffer, deadline, upstream_limit).await? == 0 {
                         return Ok(false);
                     }
-                    client.write_all(buffer).await?;
+                    to_client(buffer, deadline).await?;
                 }
             }
         }
+    }
+}
+
+/// Why an answer under way was given up on.
+enum Cut {
+    /// The upstream sent nothing for the route's timeout.
+    UpstreamSilent,
+    /// The client took nothing for `header_timeout`.
+    ClientStalled,
+    /// Either connection failed, or the upstream broke its framing.
+    Failed,
+}
+
+impl Cut {
+    fn of_client(err: io::Error) -> Cut {
+        if err.kind() == io::ErrorKind::TimedOut {
+            Cut::ClientStalled
+        } else {
+            Cut::Failed
+        }
+    }
+}
+
+/// Writes all of `bytes` to the client, failing with `TimedOut` once it has taken none of
+/// them for `limit`.
+async fn send(
+    client: &mut TcpStream,
+    mut bytes: &[u8],
+    deadline: &mut Deadline<'_>,
+    limit: Duration,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // Tried first with no deadline: a client that reads has room for its answer, and the
+        // clock is read only when it has none.
+        let written = match client.try_write(bytes) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                deadline.set(tokio::time::Instant::now() + limit);
+                tokio::select! {
+                    biased;
+                    written = client.write(bytes) => written?,
+                    () = deadline.passed() => return Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
+            written => written?,
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[written..];
+    }
+    Ok(())
+}
+
+/// Reads more of an answer's body from the upstream, giving up once it has sent nothing for
+/// `limit`.
+async fn receive(
+    upstream: &mut TcpStream,
+    buffer: &mut impl bytes::BufMut,
+    deadline: &mut Deadline<'_>,
+    limit: Duration,
+) -> Result<usize, Cut> {
+    deadline.set(tokio::time::Instant::now() + limit);
+    tokio::select! {
+        biased;
+        read = upstream.read_buf(buffer) => read.map_err(|_| Cut::Failed),
+        () = deadline.passed() => Err(Cut::UpstreamSilent),
     }
 }
 

@@ -40,7 +40,7 @@ mod shedding;
 use shedding::{Activity, Shedding};
 
 /// A proxied body streams through untouched; the gateway's own answers are small and whole.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<proxy::AnswerBody, Full<Bytes>>;
 
 /// Longest client-sent `X-Request-Id` that is passed on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -391,7 +391,7 @@ async fn serve_http1<H, F>(
                 fast_lane::Ended::Handover(read) => replay = read,
             }
         }
-        let io = Shedding::new(stream, replay, activity.clone());
+        let io = Shedding::new(stream, replay, activity.clone(), protocols.header_timeout);
         // Boxed, so that the connection's task keeps only a pointer to it while it idles.
         let mut connection = Box::new(
             protocols

@@ -11,6 +11,10 @@
 //! hyper has no such mode of its own: its connection ends when the socket reads end-of-file.
 //! [`Shedding`] reads as end-of-file once the connection has idled long enough, and skips the
 //! shutdown hyper then asks for, so that hyper ends while the socket lives on.
+//!
+//! hyper has no write timeout either: a client that asks for a large answer and reads none of
+//! it would hold its connection, and the upstream's, for ever. [`Shedding`] fails a write
+//! once the client has taken nothing for `header_timeout`, as the fast lane does.
 
 use std::io;
 use std::pin::Pin;
@@ -83,10 +87,21 @@ pub struct Shedding {
     /// The deadline belongs to the idle spell under way.
     armed: bool,
     shed: bool,
+    write_limit: Duration,
+    /// Made the first time the client takes nothing, and reset whenever that happens again.
+    write_deadline: Option<Pin<Box<Sleep>>>,
+    /// The last write found no room: the stall under way is being timed.
+    write_stalled: bool,
 }
 
 impl Shedding {
-    pub fn new(stream: TcpStream, replay: Vec<u8>, activity: Arc<Activity>) -> Shedding {
+    /// A client that takes none of what is written to it for `write_limit` is given up on.
+    pub fn new(
+        stream: TcpStream,
+        replay: Vec<u8>,
+        activity: Arc<Activity>,
+        write_limit: Duration,
+    ) -> Shedding {
         Shedding {
             stream,
             replay,
@@ -95,12 +110,43 @@ impl Shedding {
             idle_deadline: Box::pin(tokio::time::sleep(SHED_AFTER)),
             armed: false,
             shed: false,
+            write_limit,
+            write_deadline: None,
+            write_stalled: false,
         }
     }
 
     /// The socket, when hyper's connection ended by shedding; `None` when it really ended.
     pub fn into_shed_stream(self) -> Option<TcpStream> {
         self.shed.then_some(self.stream)
+    }
+
+    /// A write's outcome, or `TimedOut` in place of the wait once the client has taken
+    /// nothing for `write_limit`.
+    fn within_write_limit<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.write_stalled = false;
+            return written;
+        }
+        let limit = self.write_limit;
+        let deadline = self
+            .write_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !self.write_stalled {
+            deadline.as_mut().reset(Instant::now() + limit);
+            self.write_stalled = true;
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of the answer within header_timeout",
+            ))),
+        }
     }
 }
 
@@ -151,7 +197,8 @@ impl AsyncWrite for Shedding {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.within_write_limit(cx, written)
     }
 
     fn poll_write_vectored(
@@ -159,7 +206,8 @@ impl AsyncWrite for Shedding {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.within_write_limit(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
