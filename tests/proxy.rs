@@ -4,9 +4,12 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
 use common::{
     APPID, Harness, JWT_SECRET, OTHER_APPID, Setup, echoed_header, read_answer, read_answers,
 };
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{EncodingKey, Header};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -730,6 +733,48 @@ async fn a_request_without_a_host_or_with_two_is_400_and_never_reaches_the_upstr
         .await
         .unwrap();
     assert_eq!(read_answer(&mut stream).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_target_naming_another_host_than_host_is_400_and_never_reaches_the_upstream() {
+    let gw = Harness::start().await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // RFC 9112 §3.2.2 has an origin server go by the target's host and a proxy in front may
+    // do so too, while the upstream would go by `Host`: two hosts, as with two `Host` lines.
+    stream
+        .write_all(
+            b"GET http://evil.example/api/public/x HTTP/1.1\r\nHost: gw\r\n\r\n\
+              GET http://GW/api/public/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answers = read_answers(&mut stream, 2).await;
+    assert_eq!(answers[0].0, 400);
+    assert_eq!(answers[0].1["error"], "bad_request");
+    assert!(answers[0].1["message"].as_str().unwrap().contains("Host"));
+    // Host names are the same in any case.
+    assert_eq!(answers[1].0, 200);
+    assert_eq!(echoed_header(&answers[1].1, "host"), ["gw"]);
+    assert_eq!(gw.upstream.requests_seen(), 1);
+    // In HTTP/2 the target's host is `:authority` (RFC 9113 §8.3.1).
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for (host, status) in [(Some("evil.example"), 400), (None, 200)] {
+        let mut request = http::Request::get(gw.url("/api/public/x"));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        let response = sender
+            .send_request(request.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{host:?}");
+    }
+    assert_eq!(gw.upstream.requests_seen(), 2);
 }
 
 #[tokio::test]

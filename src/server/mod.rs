@@ -803,15 +803,26 @@ async fn dispatch(
 
 /// Why a request cannot go on as the client sent it, on any route. RFC 9112 has a server
 /// refuse an HTTP/1.1 request without `Host`, and any with two: the upstream, or a proxy in
-/// front, could take another host than the one passed on. A body in a transfer coding the
+/// front, could take another host than the one passed on. A target that names a host of its
+/// own (absolute form, or HTTP/2's `:authority`) other than `Host`'s is two hosts as well:
+/// RFC 9112 §3.2.2 has a server go by the target's, the upstream would go by `Host`, and
+/// RFC 9113 §8.3.1 calls such an HTTP/2 request malformed. A body in a transfer coding the
 /// gateway would not pass on comes next. nginx answers these 400, and the coding 501; SPEC §4
 /// has `bad_request` for them all.
 fn malformed(request: &Request<Incoming>) -> Option<&'static str> {
-    let hosts = request.headers().get_all(HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() || (host.is_none() && request.version() == Version::HTTP_11) {
         return Some(
             "an HTTP/1.1 request must carry one Host header, and no request may carry two",
         );
+    }
+    if let (Some(host), Some(authority)) = (host, request.uri().authority())
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Some("the request's target names another host than its Host header");
     }
     if proxy::coded_past_chunked(request.headers()) {
         return Some(
