@@ -453,3 +453,59 @@ async fn trace_logs_hold_no_secret_and_tie_every_request_line_to_its_request_id(
         "WeChat calls and failures log lines of their own"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_refused_unread_has_its_access_log_line_under_the_request_id_it_was_given() {
+    let upstream = Upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("wxgate-logs-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    write_config(&config, &["http://127.0.0.1:9".into()], &upstream);
+    let mut gateway = Gateway::start(&config);
+    let listening: Value =
+        serde_json::from_str(&gateway.line_with("wxgate listening").await).unwrap();
+    let addr = listening["addr"].as_str().unwrap();
+    let too_many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let heads = [
+        (
+            "GET /api/x HTTP/1.1\r\nHost: gw\r\nBad Name: 1\r\n\r\n".to_string(),
+            400,
+        ),
+        (
+            format!("GET /api/x HTTP/1.1\r\nHost: gw\r\n{too_many}\r\n"),
+            431,
+        ),
+    ];
+    for (head, status) in heads {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+            .await
+            .unwrap();
+        let answer = common::read_until(&mut stream, b"\r\n\r\n").await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        let id = answer
+            .lines()
+            .find_map(|line| line.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no request id in {answer}"));
+        let access: Value = loop {
+            let line = gateway.line_with(id).await;
+            if line.contains("wxgate::access") {
+                break serde_json::from_str(&line).unwrap();
+            }
+        };
+        assert_eq!(
+            (
+                &access["method"],
+                &access["path"],
+                &access["route"],
+                &access["status"]
+            ),
+            (&json!("-"), &json!("-"), &json!("none"), &json!(status)),
+            "{access}"
+        );
+    }
+    gateway.stop().await;
+}

@@ -141,23 +141,35 @@ pub(super) async fn serve(
         };
         match step {
             Step::Handover => break Ended::Handover(pending),
-            Step::Malformed => {
-                // hyper, which parses with httparse too, would refuse the head with an empty
-                // 400 and close; the gateway's refusals are JSON. The connection cannot go on:
-                // where the next request would start is unknown.
-                let malformed = Error::BadRequest(
-                    "the request line or headers do not parse as HTTP/1.1".into(),
-                );
+            Step::Malformed | Step::TooLarge => {
+                // A head refused unread still has its access-log line and its count, with no
+                // method or path to give.
+                let state = shared.load_full();
                 let request_id = super::request_id(None);
-                write_error(&mut lane.out, malformed, request_id.as_bytes(), true);
+                let mut record = Record::begin(
+                    &state.services.metrics,
+                    head_started.into_std(),
+                    None,
+                    Cow::Borrowed("-"),
+                    &request_id,
+                );
+                let request_id = request_id.as_bytes();
+                record.status = if matches!(step, Step::Malformed) {
+                    // hyper, which parses with httparse too, would refuse the head with an
+                    // empty 400; the gateway's refusals are JSON.
+                    let malformed = Error::BadRequest(
+                        "the request line or headers do not parse as HTTP/1.1".into(),
+                    );
+                    write_error(&mut lane.out, malformed, request_id, true)
+                } else {
+                    // What hyper answers past its `max_header_size` or its header count. The
+                    // lane's buffer stops at the same size, so it answers here rather than
+                    // hand hyper a head that hyper would refuse.
+                    write_head_too_large(&mut lane.out, request_id)
+                };
+                // Either way the connection cannot go on: where the next request would
+                // start is unknown.
                 let _ = send(stream, &lane.out, &mut deadline, header_timeout).await;
-                break Ended::Closed;
-            }
-            Step::TooLarge => {
-                // What hyper answers past its `max_header_size` or its header count. The
-                // lane's buffer stops at the same size, so it answers here rather than hand
-                // hyper a head that hyper would refuse.
-                let _ = send(stream, HEAD_TOO_LARGE, &mut deadline, header_timeout).await;
                 break Ended::Closed;
             }
             Step::ReadMore => {
@@ -266,8 +278,14 @@ enum Step<A> {
     Handover,
 }
 
-const HEAD_TOO_LARGE: &[u8] =
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+/// hyper's answer to a head too large, with the request id its access-log line carries.
+fn write_head_too_large(out: &mut Vec<u8>, request_id: &[u8]) -> u16 {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 431 Request Header Fields Too Large\r\n");
+    push_header(out, b"x-request-id", request_id);
+    out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n\r\n");
+    431
+}
 
 /// A request the lane has taken: its record, and either the route to forward it to (its
 /// upstream head already written) or the error that answers it.
@@ -465,7 +483,7 @@ fn plan<'s>(
     let metrics = &state.services.metrics;
     let head_only = method == Method::HEAD;
     let replayable = method.is_safe();
-    let mut record = Record::begin(metrics, arrived, method, record_path, &request_id);
+    let mut record = Record::begin(metrics, arrived, Some(method), record_path, &request_id);
     let action = decide(
         state,
         checked,
@@ -573,7 +591,8 @@ fn decide<'s>(
     checked_path?;
     let route = state.routes.find(path).ok_or(Error::NoRoute)?;
     record.route = route.series.clone();
-    if !route.allows_method(&record.method) {
+    let method = record.method.as_ref();
+    if !method.is_some_and(|method| route.allows_method(method)) {
         return Err(Error::MethodNotAllowed);
     }
     let identity = auth::authorize_bearer(route, || match authorization {

@@ -681,7 +681,7 @@ async fn handle(
     let mut record = Record::begin(
         &state.services.metrics,
         Instant::now(),
-        request.method().clone(),
+        Some(request.method().clone()),
         request.uri().path().to_owned().into(),
         &request_id,
     );
@@ -704,7 +704,8 @@ async fn handle(
 struct Record<'a> {
     metrics: &'a Metrics,
     started: Instant,
-    method: Method,
+    /// `None` for a request whose head did not parse, logged as `-` like its path.
+    method: Option<Method>,
     path: Cow<'a, str>,
     route: Arc<RouteSeries>,
     status: u16,
@@ -716,7 +717,7 @@ impl Record<'_> {
     fn begin<'a>(
         metrics: &'a Metrics,
         started: Instant,
-        method: Method,
+        method: Option<Method>,
         path: Cow<'a, str>,
         request_id: &RequestId<'_>,
     ) -> Record<'a> {
@@ -744,7 +745,7 @@ impl Drop for Record<'_> {
         self.span.in_scope(|| {
             tracing::info!(
                 target: "wxgate::access",
-                method = %self.method,
+                method = self.method.as_ref().map_or("-", Method::as_str),
                 path = %self.path,
                 route = self.route.label.as_str(),
                 status = self.status,
