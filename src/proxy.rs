@@ -170,9 +170,7 @@ pub async fn forward(
     }
     Ok(response.map(|body| AnswerBody {
         inner: body,
-        limit: route.timeout(),
-        silence: None,
-        waiting: false,
+        silence: StallLimit::new(route.timeout()),
         route: route.series.clone(),
         span: tracing::Span::current(),
     }))
@@ -180,15 +178,10 @@ pub async fn forward(
 
 /// An upstream's answer body, cut off once the upstream sends nothing of it for the route's
 /// `timeout`: stalled in the middle of an answer, it would otherwise hold the client's
-/// connection, and its own, for ever. tower-http's `TimeoutBody` does as much, but makes a
-/// timer and puts it in the runtime's wheel for every frame, one already there included; this
-/// one has a timer only once the upstream keeps the body waiting, and keeps it.
+/// connection, and its own, for ever.
 pub struct AnswerBody {
     inner: Incoming,
-    limit: Duration,
-    silence: Option<Pin<Box<Sleep>>>,
-    /// The last poll found nothing: the silence under way is being timed.
-    waiting: bool,
+    silence: StallLimit,
     route: Arc<RouteSeries>,
     /// The request's, whose id the line that tells of a cut carries.
     span: tracing::Span,
@@ -204,18 +197,10 @@ impl Body for AnswerBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.waiting = false;
+            this.silence.went_on();
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        let limit = this.limit;
-        let silence = this
-            .silence
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if !this.waiting {
-            silence.as_mut().reset(Instant::now() + limit);
-            this.waiting = true;
-        }
-        if silence.as_mut().poll(cx).is_pending() {
+        if this.silence.poll_over(cx).is_pending() {
             return Poll::Pending;
         }
         let why = "the upstream sent nothing more of its answer within the route's timeout";
@@ -235,6 +220,47 @@ impl Body for AnswerBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// How long an exchange polled again and again may find nothing to do (an upstream that sends
+/// nothing, a client that takes nothing) before it is given up on. tower-http's `TimeoutBody`
+/// does as much for a body, but makes a timer and puts it in the runtime's wheel for every
+/// frame, one already there included; this one is made at the first stall, and then only moved
+/// when another begins.
+pub(crate) struct StallLimit {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The last poll found nothing: the stall under way is being timed.
+    stalled: bool,
+}
+
+impl StallLimit {
+    pub(crate) fn new(limit: Duration) -> StallLimit {
+        StallLimit {
+            limit,
+            timer: None,
+            stalled: false,
+        }
+    }
+
+    /// The exchange made progress: a later stall is timed from its own start.
+    pub(crate) fn went_on(&mut self) {
+        self.stalled = false;
+    }
+
+    /// The exchange found nothing to do: ready once it has found nothing for `limit`, counted
+    /// from the first poll of this stall; until then `cx` is woken when the limit passes.
+    pub(crate) fn poll_over(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !self.stalled {
+            timer.as_mut().reset(Instant::now() + limit);
+            self.stalled = true;
+        }
+        timer.as_mut().poll(cx)
     }
 }
 

@@ -181,12 +181,7 @@ async fn h2c_request_is_proxied_with_the_identity() {
 #[tokio::test]
 async fn an_h2c_get_with_a_body_of_unknown_length_passes_it_on() {
     let gw = Harness::start().await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = common::h2c(gw.addr).await;
     let frames =
         ["hello", " world"].map(|part| Ok::<_, Infallible>(Frame::data(Bytes::from(part))));
     let request = http::Request::get(gw.url("/api/public/echo-body"))

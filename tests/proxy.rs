@@ -9,7 +9,6 @@ use common::{
     APPID, Harness, JWT_SECRET, OTHER_APPID, Setup, echoed_header, read_answer, read_answers,
 };
 use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{EncodingKey, Header};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -757,12 +756,7 @@ async fn a_target_naming_another_host_than_host_is_400_and_never_reaches_the_ups
     assert_eq!(echoed_header(&answers[1].1, "host"), ["gw"]);
     assert_eq!(gw.upstream.requests_seen(), 1);
     // In HTTP/2 the target's host is `:authority` (RFC 9113 §8.3.1).
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = common::h2c(gw.addr).await;
     for (host, status) in [(Some("evil.example"), 400), (None, 200)] {
         let mut request = http::Request::get(gw.url("/api/public/x"));
         if let Some(host) = host {

@@ -20,12 +20,14 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use crate::proxy::StallLimit;
 
 /// How long an HTTP/1 connection idles with hyper's buffers before it sheds them. Longer than
 /// the gap between a busy client's requests, so that those do not pay for a new hyper
@@ -87,11 +89,7 @@ pub struct Shedding {
     /// The deadline belongs to the idle spell under way.
     armed: bool,
     shed: bool,
-    write_limit: Duration,
-    /// Made the first time the client takes nothing, and reset whenever that happens again.
-    write_deadline: Option<Pin<Box<Sleep>>>,
-    /// The last write found no room: the stall under way is being timed.
-    write_stalled: bool,
+    write_stall: StallLimit,
 }
 
 impl Shedding {
@@ -110,9 +108,7 @@ impl Shedding {
             idle_deadline: Box::pin(tokio::time::sleep(SHED_AFTER)),
             armed: false,
             shed: false,
-            write_limit,
-            write_deadline: None,
-            write_stalled: false,
+            write_stall: StallLimit::new(write_limit),
         }
     }
 
@@ -129,24 +125,14 @@ impl Shedding {
         written: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if written.is_ready() {
-            self.write_stalled = false;
+            self.write_stall.went_on();
             return written;
         }
-        let limit = self.write_limit;
-        let deadline = self
-            .write_deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if !self.write_stalled {
-            deadline.as_mut().reset(Instant::now() + limit);
-            self.write_stalled = true;
-        }
-        match deadline.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took none of the answer within header_timeout",
-            ))),
-        }
+        ready!(self.write_stall.poll_over(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took none of the answer within header_timeout",
+        )))
     }
 }
 

@@ -642,6 +642,22 @@ pub fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// An HTTP/2 connection to `addr` without TLS (h2c, prior knowledge), driven in the background.
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Reads from `stream` until `bytes` holds `end`; everything read.
 pub async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
     let mut bytes = Vec::new();
