@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use common::{Harness, Setup, bounded, read_answer, read_answers, read_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
 /// An upstream that answers each request with the canned answer its last path segment names,
 /// and keeps every request head it read.
@@ -572,36 +571,9 @@ async fn an_upstream_silent_mid_answer_is_cut_off_after_the_route_timeout_on_bot
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 }
 
-/// An upstream that answers every request with an endless body, and tells when a connection
-/// it was writing to is closed under it.
-async fn endless_upstream() -> (SocketAddr, Arc<Notify>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let closed = Arc::new(Notify::new());
-    let told = closed.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let told = told.clone();
-            tokio::spawn(async move {
-                let mut stream = BufReader::new(stream);
-                common::read_request(&mut stream).await.unwrap();
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 40);
-                let stream = stream.get_mut();
-                let mut written = stream.write_all(head.as_bytes()).await;
-                let piece = vec![b'x'; 64 * 1024];
-                while written.is_ok() {
-                    written = stream.write_all(&piece).await;
-                }
-                told.notify_one();
-            });
-        }
-    });
-    (addr, closed)
-}
-
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_after_header_timeout_on_both_paths() {
-    let (upstream, closed) = endless_upstream().await;
+    let (upstream, closed) = common::endless_upstream().await;
     let gw = Harness::start_with(Setup {
         server_extra: "header_timeout = \"1s\"".into(),
         sections: format!(

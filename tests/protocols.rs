@@ -1,10 +1,15 @@
 //! HTTP/2 without TLS (h2c), upgrades (WebSocket) with the auth decision at upgrade time,
-//! clients that trickle their headers or send nothing, idle connections, and the connection
-//! cap.
+//! clients that trickle their headers, send nothing or take nothing of an answer, idle
+//! connections, and the connection cap.
 
 mod common;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,8 +20,8 @@ use common::{
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use wxgate::mock::wechat::MockWechat;
 
 /// How long a test waits for the gateway to close a connection before calling it a failure:
@@ -343,5 +348,147 @@ async fn oversized_request_headers_get_431() {
         .await;
     assert_eq!(status, 431);
     let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+}
+
+/// An upstream that answers `first`, is silent for `pause`, then answers `second` and ends.
+async fn pausing_upstream(pause: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                common::read_request(&mut stream).await.unwrap();
+                let stream = stream.get_mut();
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nfirst";
+                stream.write_all(head.as_bytes()).await.unwrap();
+                tokio::time::sleep(pause).await;
+                stream.write_all(b"second").await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_is_cut_off_after_header_timeout() {
+    let (endless, closed) = common::endless_upstream().await;
+    // Longer than header_timeout, shorter than the route's timeout: the upstream's silence is
+    // the route's to judge, not the client's.
+    let pausing = pausing_upstream(Duration::from_secs(1)).await;
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"300ms\"".into(),
+        sections: format!(
+            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{endless}\"\nauth = \"public\"\n\
+             [[routes]]\npath = \"/p/\"\nupstream = \"http://{pausing}\"\nauth = \"public\"\n\
+             timeout = \"10s\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    // The client answers the gateway's pings, so the connection stays alive, but it takes
+    // nothing of the endless answer: its window, once the first 16 KiB have filled it, never
+    // opens.
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let get = |path: &str| {
+        http::Request::get(gw.url(path))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let paused = bounded(sender.send_request(get("/p/paused")))
+        .await
+        .unwrap();
+    let paused = bounded(paused.into_body().collect()).await.unwrap();
+    assert_eq!(paused.to_bytes(), "firstsecond");
+    let endless = bounded(sender.send_request(get("/s/endless")))
+        .await
+        .unwrap();
+    assert_eq!(endless.status(), 200);
+    // The gateway gives up on the client, and on the upstream connection that feeds it.
+    bounded(closed.notified()).await;
+    bounded(connection).await.unwrap().unwrap_or_default();
+    drop(endless);
+    let (status, _) = gw.get("/api/public/after", &[]).await;
+    assert_eq!(status, 200);
+}
+
+/// A client connection that stops reading from its socket once told to, and never wakes.
+struct Deaf {
+    stream: TcpStream,
+    deaf: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Deaf {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.deaf.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Deaf {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_its_socket_is_cut_off() {
+    let (endless, closed) = common::endless_upstream().await;
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"300ms\"".into(),
+        sections: format!(
+            "[[routes]]\npath = \"/s/\"\nupstream = \"http://{endless}\"\nauth = \"public\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let deaf = Arc::new(AtomicBool::new(false));
+    let stream = Deaf {
+        stream: TcpStream::connect(gw.addr).await.unwrap(),
+        deaf: deaf.clone(),
+    };
+    // Windows wide enough that the client's socket fills before they do.
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(64 << 20)
+        .initial_connection_window_size(64 << 20)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(gw.url("/s/endless"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let answer = bounded(sender.send_request(request)).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    deaf.store(true, Ordering::Relaxed);
+    // The gateway gives up on the client, and on the upstream connection that feeds it.
+    bounded(closed.notified()).await;
+    drop(answer);
+    let (status, _) = gw.get("/api/public/after", &[]).await;
     assert_eq!(status, 200);
 }

@@ -7,8 +7,7 @@ use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use slab::Slab;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -37,7 +37,7 @@ use crate::upstream::Affinity;
 mod fast_lane;
 mod shedding;
 
-use shedding::{Activity, Shedding};
+use shedding::{Activity, InFlight, Shedding};
 
 /// A proxied body streams through untouched; the gateway's own answers are small and whole.
 pub type ResponseBody = Either<proxy::AnswerBody, Full<Bytes>>;
@@ -301,10 +301,7 @@ async fn serve_connection<H, F>(
                 // and hyper moves the whole block into place for every request.
                 async move {
                     let response = handler(request, client).await;
-                    Ok::<_, Infallible>(response.map(|body| GuardedBody {
-                        inner: body,
-                        _guard: stream,
-                    }))
+                    Ok::<_, Infallible>(response.map(|body| StreamAnswer::new(body, stream)))
                 }
             });
             let io = TokioIo::new(replayed(first_bytes, stream));
@@ -313,7 +310,7 @@ async fn serve_connection<H, F>(
             drive(
                 connection.as_mut(),
                 |connection| connection.graceful_shutdown(),
-                streams.idle_for(protocols.header_timeout),
+                streams.watch(protocols.header_timeout),
                 phase,
                 peer,
             )
@@ -487,12 +484,12 @@ fn replayed(
 }
 
 /// Serves `connection` to its end. It is asked to finish what it has under way and take nothing
-/// new once the listener drains or `idle` resolves, and is left unfinished when the grace
-/// period is over. True when it ended without an error.
+/// new once the listener drains or `unwanted` finds it idle, and is left unfinished when the
+/// grace period is over or `unwanted` finds it stalled. True when it ended without an error.
 async fn drive<C, E>(
     mut connection: Pin<&mut C>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    idle: impl Future<Output = ()>,
+    unwanted: impl Future<Output = Unwanted>,
     mut phase: watch::Receiver<Phase>,
     peer: SocketAddr,
 ) -> bool
@@ -500,13 +497,24 @@ where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(idle);
+    tokio::pin!(unwanted);
     let ended = tokio::select! {
         ended = connection.as_mut() => Some(ended),
-        () = &mut idle => {
-            tracing::debug!(%peer, "closing an HTTP/2 connection idle for header_timeout");
-            None
-        }
+        unwanted = &mut unwanted => match unwanted {
+            Unwanted::Idle => {
+                tracing::debug!(%peer, "closing an HTTP/2 connection idle for header_timeout");
+                None
+            }
+            // Finishing gracefully would wait on the very answer the client does not take.
+            Unwanted::Stalled => {
+                tracing::debug!(
+                    %peer,
+                    "closing an HTTP/2 connection whose client took nothing of an answer for \
+                     header_timeout"
+                );
+                return false;
+            }
+        },
         _ = phase.wait_for(|phase| *phase != Phase::Serving) => None,
     };
     let ended = match ended {
@@ -525,72 +533,167 @@ where
     ended.is_ok()
 }
 
-/// The streams open on one HTTP/2 connection, and since when none has been. hyper's HTTP/2
-/// server has no idle limit of its own, and its keep-alive pings keep a client that answers
-/// them connected for ever.
+/// The streams open on one HTTP/2 connection, and what each waits for. hyper's HTTP/2 server
+/// has no idle limit and no send timeout of its own, and its keep-alive pings keep a client
+/// that answers them connected for ever: even one that never opens its flow-control window,
+/// which would hold each answer, and the upstream connection feeding it, for ever.
 struct Streams {
-    open: AtomicUsize,
     opened_at: tokio::time::Instant,
-    /// Milliseconds after `opened_at`.
-    idle_since: AtomicU64,
+    state: Mutex<StreamsState>,
+}
+
+struct StreamsState {
+    /// Per open stream, since when its answer has waited for the client to take some of it
+    /// (milliseconds after `opened_at`), or [`NOT_WAITING`].
+    open: Slab<u64>,
+    /// Milliseconds after `opened_at` since which no stream has been open.
+    idle_since: u64,
+}
+
+/// The stamp of a stream whose request is under way, or whose answer's next piece is awaited
+/// from the upstream (which the route's `timeout` bounds).
+const NOT_WAITING: u64 = u64::MAX;
+
+/// Why [`Streams::watch`] would have its connection end.
+enum Unwanted {
+    /// No stream has been open for the period.
+    Idle,
+    /// An answer has waited the period for the client to take any of it.
+    Stalled,
 }
 
 impl Streams {
     fn new() -> Streams {
         Streams {
-            open: AtomicUsize::new(0),
             opened_at: tokio::time::Instant::now(),
-            idle_since: AtomicU64::new(0),
+            state: Mutex::new(StreamsState {
+                open: Slab::new(),
+                idle_since: 0,
+            }),
         }
     }
 
-    fn open(self: &Arc<Self>) -> OpenStream {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        OpenStream(self.clone())
+    fn lock(&self) -> MutexGuard<'_, StreamsState> {
+        // Each critical section is a store or a scan, and leaves the state whole if it panics.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves once no stream has been open for `period`.
-    async fn idle_for(&self, period: Duration) {
+    fn now(&self) -> u64 {
+        self.opened_at.elapsed().as_millis() as u64
+    }
+
+    fn open(self: &Arc<Self>) -> OpenStream {
+        let key = self.lock().open.insert(NOT_WAITING);
+        OpenStream {
+            streams: self.clone(),
+            key,
+        }
+    }
+
+    /// Resolves once no stream has been open for `period`, or an answer has waited that long
+    /// for the client.
+    async fn watch(&self, period: Duration) -> Unwanted {
         loop {
-            let now = tokio::time::Instant::now();
-            let check_at = if self.open.load(Ordering::Acquire) > 0 {
-                now + period
-            } else {
-                let since =
-                    self.opened_at + Duration::from_millis(self.idle_since.load(Ordering::Acquire));
-                if now >= since + period {
-                    return;
+            let now = self.now();
+            let (since, unwanted) = {
+                let state = self.lock();
+                if state.open.is_empty() {
+                    (state.idle_since, Unwanted::Idle)
+                } else {
+                    let oldest = state.open.iter().map(|(_, &since)| since).min();
+                    (oldest.unwrap_or(NOT_WAITING), Unwanted::Stalled)
                 }
-                since + period
             };
-            tokio::time::sleep_until(check_at).await;
+            let period_ms = period.as_millis() as u64;
+            // A stream that begins to wait after this look is seen at the next, at most a
+            // period from now, and then given its full period.
+            let check_at = match since {
+                NOT_WAITING => now + period_ms,
+                since if now >= since + period_ms => return unwanted,
+                since => since + period_ms,
+            };
+            tokio::time::sleep_until(self.opened_at + Duration::from_millis(check_at)).await;
         }
     }
 }
 
 /// One stream of [`Streams`], from its request until hyper drops its response body: once the
 /// body is sent, or when the stream is reset.
-struct OpenStream(Arc<Streams>);
+struct OpenStream {
+    streams: Arc<Streams>,
+    key: usize,
+}
+
+impl OpenStream {
+    /// The answer waits for the client from now: hyper has it, or a piece of its body, and
+    /// asks for more only once the client's window has room.
+    fn handed_over(&self) {
+        let now = self.streams.now();
+        self.streams.lock().open[self.key] = now;
+    }
+
+    fn taken(&self) {
+        self.streams.lock().open[self.key] = NOT_WAITING;
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        let streams = &self.0;
-        if streams.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let at = streams.opened_at.elapsed().as_millis() as u64;
-            // The latest wins when two streams end at once.
-            streams.idle_since.fetch_max(at, Ordering::AcqRel);
+        let now = self.streams.now();
+        let mut state = self.streams.lock();
+        state.open.remove(self.key);
+        if state.open.is_empty() {
+            state.idle_since = now;
         }
     }
 }
 
-/// A response body that keeps its request counted as under way (an HTTP/2 stream open, an
-/// HTTP/1 request in flight) while hyper holds it.
-struct GuardedBody<G> {
+/// An HTTP/2 answer, marking its stream as waiting for the client while hyper holds a piece of
+/// it that the client's window has no room for.
+struct StreamAnswer {
     inner: ResponseBody,
-    _guard: G,
+    stream: OpenStream,
 }
 
-impl<G: Unpin> Body for GuardedBody<G> {
+impl StreamAnswer {
+    fn new(inner: ResponseBody, stream: OpenStream) -> StreamAnswer {
+        stream.handed_over();
+        StreamAnswer { inner, stream }
+    }
+}
+
+impl Body for StreamAnswer {
+    type Data = Bytes;
+    type Error = <ResponseBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.stream.taken();
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = polled {
+            self.stream.handed_over();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An HTTP/1 answer, keeping its request counted as in flight while hyper holds it.
+struct GuardedBody {
+    inner: ResponseBody,
+    _guard: InFlight,
+}
+
+impl Body for GuardedBody {
     type Data = Bytes;
     type Error = <ResponseBody as Body>::Error;
 

@@ -1108,3 +1108,30 @@ pub fn closed_port_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
+
+/// An upstream that answers every request with an endless body, and tells when a connection
+/// it was writing to is closed under it.
+pub async fn endless_upstream() -> (SocketAddr, Arc<Notify>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(Notify::new());
+    let told = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let told = told.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                read_request(&mut stream).await.unwrap();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 40);
+                let stream = stream.get_mut();
+                let mut written = stream.write_all(head.as_bytes()).await;
+                let piece = vec![b'x'; 64 * 1024];
+                while written.is_ok() {
+                    written = stream.write_all(&piece).await;
+                }
+                told.notify_one();
+            });
+        }
+    });
+    (addr, closed)
+}
