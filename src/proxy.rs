@@ -112,7 +112,8 @@ pub async fn forward(
         if body.size_hint().exact().is_none() {
             headers.insert(TRANSFER_ENCODING, CHUNKED);
         }
-        Either::Left(Limited::new(body, limit))
+        let stall = state.config.server.header_timeout;
+        Either::Left(Limited::new(ClientBody::new(body, stall), limit))
     };
     let sent = state.services.upstream.send(
         route.upstream_authority(),
@@ -126,7 +127,11 @@ pub async fn forward(
         .observe_upstream(&state.services.metrics, started.elapsed());
     let mut response = match answered {
         Err(_) => return Err(Error::UpstreamTimeout),
-        Ok(Err(err)) if caused_by_body_cap(&*err) => return Err(Error::PayloadTooLarge),
+        Ok(Err(err)) if caused_by::<LengthLimitError>(&*err) => return Err(Error::PayloadTooLarge),
+        Ok(Err(err)) if caused_by::<ClientStalled>(&*err) => {
+            tracing::debug!(route = %route.config.path, "the client stopped sending its request body");
+            return Err(Error::BadRequest(ClientStalled.to_string()));
+        }
         Ok(Err(err)) => {
             tracing::warn!(route = %route.config.path, error = %err, "upstream request failed");
             return Err(Error::UpstreamUnavailable);
@@ -212,6 +217,64 @@ impl Body for AnswerBody {
             )
         });
         Poll::Ready(Some(Err(why.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client's request body on its way to the upstream, cut off once the client sends nothing
+/// of it for `server.header_timeout`: the limit that keeps slow headers from pinning a
+/// connection holds for the body too, which would otherwise pin an upstream connection as well
+/// until the route's `timeout`, and then be blamed on the upstream.
+pub struct ClientBody {
+    inner: Incoming,
+    silence: StallLimit,
+}
+
+impl ClientBody {
+    fn new(inner: Incoming, stall: Duration) -> ClientBody {
+        ClientBody {
+            inner,
+            silence: StallLimit::new(stall),
+        }
+    }
+}
+
+/// The client stopped sending its request body part of the way through.
+#[derive(Debug)]
+struct ClientStalled;
+
+impl std::fmt::Display for ClientStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body stopped arriving for longer than the server allows")
+    }
+}
+
+impl StdError for ClientStalled {}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.silence.went_on();
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        if this.silence.poll_over(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Err(Box::new(ClientStalled))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -481,10 +544,12 @@ pub fn declared_over(body: &impl Body, limit: u64) -> bool {
         .is_some_and(|length| length > limit)
 }
 
-fn caused_by_body_cap(err: &(dyn StdError + 'static)) -> bool {
+/// True when an error of type `E` is anywhere in `err`'s chain: the upstream client wraps what
+/// the request body failed with.
+fn caused_by<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(err) = current {
-        if err.is::<LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         current = err.source();
@@ -549,9 +614,10 @@ mod tests {
             .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))));
         let body = Limited::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
         let err = body.collect().await.unwrap_err();
-        assert!(caused_by_body_cap(err.as_ref()));
+        assert!(caused_by::<LengthLimitError>(err.as_ref()));
+        assert!(!caused_by::<ClientStalled>(err.as_ref()));
         let other: Box<dyn StdError> = "the client went away".into();
-        assert!(!caused_by_body_cap(other.as_ref()));
+        assert!(!caused_by::<LengthLimitError>(other.as_ref()));
     }
 
     #[test]

@@ -24,12 +24,14 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// A request body, cut off with an error past `server.max_body_bytes`. Ending the stream with
-/// an error (not a clean end) makes the client abort the upstream request, so the upstream
-/// never sees a truncated body as a complete one. A request that came without a body goes
-/// with `Empty`, which, unlike the client's stream, can be made again to send the request
-/// again ([`UpstreamClient::send`]).
-pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+use crate::proxy::ClientBody;
+
+/// A request body, cut off with an error past `server.max_body_bytes` or when the client stops
+/// sending it ([`ClientBody`]). Ending the stream with an error (not a clean end) makes the
+/// client abort the upstream request, so the upstream never sees a truncated body as a
+/// complete one. A request that came without a body goes with `Empty`, which, unlike the
+/// client's stream, can be made again to send the request again ([`UpstreamClient::send`]).
+pub type UpstreamBody = Either<Limited<ClientBody>, Empty<Bytes>>;
 
 pub type SendError = Box<dyn StdError + Send + Sync>;
 

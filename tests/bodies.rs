@@ -3,9 +3,15 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use common::{BodySeen, Harness, MAX_BODY, Setup, bounded, pattern};
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Empty, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -194,6 +200,87 @@ async fn chunked_body_growing_past_the_limit_is_413_and_aborted_upstream() {
     assert_eq!(gw.upstream.bodies_seen(), 1);
     let (status, _) = gw.get("/api/public/x", &[]).await;
     assert_eq!(status, 200);
+}
+
+/// A gateway whose clients must not go quiet for more than 300 ms, in their headers or bodies.
+async fn impatient() -> Harness {
+    Harness::start_with(Setup {
+        server_extra: "header_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_400_and_aborted_upstream() {
+    let gw = impatient().await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/public/sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    // The route's timeout is the default 30 s: the answer comes from the body's stall, and
+    // blames the client, not the upstream.
+    let answer = common::read_until(&mut stream, b"}").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains(r#""error":"bad_request""#), "{answer}");
+    match gw.upstream.next_body().await {
+        BodySeen::Aborted(read) => assert!(read <= 10),
+        complete => panic!("the upstream saw the body end as if it were complete: {complete:?}"),
+    }
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_h2c_request_body_that_stops_arriving_is_400_and_the_connection_serves_on() {
+    let gw = impatient().await;
+    let mut sender = common::h2c(gw.addr).await;
+    let first = Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"0123456789")));
+    let stalled = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+    let request = http::Request::post(gw.url("/api/public/sink"))
+        .body(Either::Left(StreamBody::new(stalled)))
+        .unwrap();
+    let response = bounded(sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body = bounded(response.into_body().collect()).await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+    assert_eq!(body["error"], "bad_request");
+    match gw.upstream.next_body().await {
+        BodySeen::Aborted(read) => assert!(read <= 10),
+        complete => panic!("the upstream saw the body end as if it were complete: {complete:?}"),
+    }
+    // Only the stream was given up on.
+    let request = http::Request::get(gw.url("/api/public/x"))
+        .body(Either::Right(Empty::new()))
+        .unwrap();
+    let response = bounded(sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_body_trickled_with_short_pauses_passes_whole() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"1s\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/public/sink HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+        .await
+        .unwrap();
+    // Six pauses of a quarter of the limit: the body takes longer than `header_timeout` in
+    // all, and is never quiet for that long.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        stream.write_all(&[5u8; 10]).await.unwrap();
+    }
+    let answer = common::read_until(&mut stream, b"\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(gw.upstream.next_body().await, BodySeen::Complete(60));
 }
 
 #[tokio::test]
