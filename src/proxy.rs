@@ -127,12 +127,16 @@ pub async fn forward(
         .observe_upstream(&state.services.metrics, started.elapsed());
     let mut response = match answered {
         Err(_) => return Err(Error::UpstreamTimeout),
-        Ok(Err(err)) if caused_by::<LengthLimitError>(&*err) => return Err(Error::PayloadTooLarge),
-        Ok(Err(err)) if caused_by::<ClientStalled>(&*err) => {
-            tracing::debug!(route = %route.config.path, "the client stopped sending its request body");
-            return Err(Error::BadRequest(ClientStalled.to_string()));
+        Ok(Err(err)) if cause::<LengthLimitError>(&*err).is_some() => {
+            return Err(Error::PayloadTooLarge);
         }
         Ok(Err(err)) => {
+            // The client's doing, not the upstream's: a 502 and a warning would send the
+            // operator after an upstream that did nothing wrong (nginx answers 400 too).
+            if let Some(failed) = cause::<ClientBodyFailed>(&*err) {
+                tracing::debug!(route = %route.config.path, error = ?failed, "the request body failed");
+                return Err(Error::BadRequest(failed.to_string()));
+            }
             tracing::warn!(route = %route.config.path, error = %err, "upstream request failed");
             return Err(Error::UpstreamUnavailable);
         }
@@ -246,21 +250,40 @@ impl ClientBody {
     }
 }
 
-/// The client stopped sending its request body part of the way through.
+/// Why a client's request body failed part of the way through. Its text is the client's
+/// answer, so it never holds the underlying error's.
 #[derive(Debug)]
-struct ClientStalled;
+pub enum ClientBodyFailed {
+    /// Nothing of it arrived for `server.header_timeout`.
+    Stalled,
+    /// It broke off: the client's connection ended before it was whole, or its framing did not
+    /// parse (a chunk size that is not hexadecimal).
+    Broken(hyper::Error),
+}
 
-impl std::fmt::Display for ClientStalled {
+impl std::fmt::Display for ClientBodyFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the request body stopped arriving for longer than the server allows")
+        f.write_str(match self {
+            ClientBodyFailed::Stalled => {
+                "the request body stopped arriving for longer than the server allows"
+            }
+            ClientBodyFailed::Broken(_) => "the request body did not arrive whole",
+        })
     }
 }
 
-impl StdError for ClientStalled {}
+impl StdError for ClientBodyFailed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            ClientBodyFailed::Stalled => None,
+            ClientBodyFailed::Broken(err) => Some(err),
+        }
+    }
+}
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = Box<dyn StdError + Send + Sync>;
+    type Error = ClientBodyFailed;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -269,12 +292,12 @@ impl Body for ClientBody {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.silence.went_on();
-            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+            return Poll::Ready(frame.map(|frame| frame.map_err(ClientBodyFailed::Broken)));
         }
         if this.silence.poll_over(cx).is_pending() {
             return Poll::Pending;
         }
-        Poll::Ready(Some(Err(Box::new(ClientStalled))))
+        Poll::Ready(Some(Err(ClientBodyFailed::Stalled)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -544,17 +567,17 @@ pub fn declared_over(body: &impl Body, limit: u64) -> bool {
         .is_some_and(|length| length > limit)
 }
 
-/// True when an error of type `E` is anywhere in `err`'s chain: the upstream client wraps what
-/// the request body failed with.
-fn caused_by<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+/// The first error of type `E` in `err`'s chain: the upstream client wraps what the request
+/// body failed with.
+fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
     let mut current = Some(err);
     while let Some(err) = current {
-        if err.is::<E>() {
-            return true;
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
         }
         current = err.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -614,10 +637,10 @@ mod tests {
             .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))));
         let body = Limited::new(StreamBody::new(futures_util::stream::iter(chunks)), 10);
         let err = body.collect().await.unwrap_err();
-        assert!(caused_by::<LengthLimitError>(err.as_ref()));
-        assert!(!caused_by::<ClientStalled>(err.as_ref()));
+        assert!(cause::<LengthLimitError>(err.as_ref()).is_some());
+        assert!(cause::<ClientBodyFailed>(err.as_ref()).is_none());
         let other: Box<dyn StdError> = "the client went away".into();
-        assert!(!caused_by::<LengthLimitError>(other.as_ref()));
+        assert!(cause::<LengthLimitError>(other.as_ref()).is_none());
     }
 
     #[test]

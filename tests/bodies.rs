@@ -284,6 +284,34 @@ async fn a_request_body_trickled_with_short_pauses_passes_whole() {
 }
 
 #[tokio::test]
+async fn a_request_body_cut_short_or_malformed_is_400_and_aborted_upstream() {
+    let gw = Harness::start().await;
+    // A client whose upload broke off (it shut its side down), and one whose chunk size does
+    // not parse: either is the client's doing, though the upstream request is what fails.
+    let cut_short =
+        b"POST /api/public/sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789";
+    let malformed = b"POST /api/public/sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+    for (request, shut_down) in [(&cut_short[..], true), (&malformed[..], false)] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        if shut_down {
+            stream.shutdown().await.unwrap();
+        }
+        let answer = common::read_until(&mut stream, b"}").await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.contains(r#""error":"bad_request""#), "{answer}");
+        match gw.upstream.next_body().await {
+            BodySeen::Aborted(read) => assert!(read <= 10),
+            complete => {
+                panic!("the upstream saw the body end as if it were complete: {complete:?}")
+            }
+        }
+    }
+    let (status, _) = gw.get("/api/public/x", &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn upstream_down_is_502_and_slow_is_504() {
     let gw = Harness::start().await;
     let (status, body) = gw.get("/down/x", &[]).await;

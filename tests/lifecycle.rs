@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    APP_SECRET, APPID, JWT_SECRET, RedisServer, Upstream, assert_echoed, greeting, http_client,
-    read_answer, read_answers, websocket,
+    APP_SECRET, APPID, BodySeen, JWT_SECRET, RedisServer, Upstream, assert_echoed, greeting,
+    http_client, read_answer, read_answers, websocket,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -499,6 +499,43 @@ async fn a_request_its_client_abandons_is_logged_and_counted_as_499() {
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_its_client_abandons_is_counted_as_400_and_never_blamed_on_the_upstream() {
+    let (mock, upstream) = world().await;
+    let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/public/sink HTTP/1.1\r\nHost: x\r\nX-Request-Id: cut-1\r\n\
+              Content-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    // A phone that lost its network, or an app killed mid-upload.
+    drop(stream);
+    assert!(matches!(upstream.next_body().await, BodySeen::Aborted(_)));
+
+    let (line, before) = gw
+        .wait_for_event("the abandoned upload's access line", |line| {
+            line["target"] == "wxgate::access" && line["span"]["request_id"] == "cut-1"
+        })
+        .await;
+    assert_eq!(line["status"], 400);
+    // Lines logged while answering come before the access line.
+    let blamed: Vec<_> = before
+        .iter()
+        .filter(|line| line["message"] == "upstream request failed")
+        .collect();
+    assert!(blamed.is_empty(), "{blamed:?}");
+    let (_, _, metrics) = gw.admin_get("/metrics").await;
+    let counted = "wxgate_requests_total{route=\"/api/public/\",status=\"400\"} 1";
+    assert!(
+        metrics.contains(counted),
+        "{counted} missing from:\n{metrics}"
+    );
+    assert!(!metrics.contains("status=\"502\""), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
