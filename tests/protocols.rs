@@ -156,6 +156,62 @@ async fn an_upgraded_client_that_stops_reading_is_cut_off_after_header_timeout()
     assert_eq!(served(&gw, "/api/public/after").await, 200);
 }
 
+/// The timer the kernel keeps for the gateway's side of the connection from `client`, as
+/// `/proc/net/tcp` shows it: its kind (2 is keep-alive, on an established connection) and how
+/// far off it is, in ticks of USER_HZ (100 a second).
+fn gateway_side_timer(gateway: SocketAddr, client: SocketAddr) -> (u8, u64) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: SocketAddr| format!(":{:04X}", addr.port());
+    for line in table.lines().skip(1) {
+        // sl, local_address, rem_address, st, tx_queue:rx_queue, tr:tm->when, ...
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields[1].ends_with(&port(gateway)) && fields[2].ends_with(&port(client)) {
+            let (kind, when) = fields[5].split_once(':').unwrap();
+            return (
+                u8::from_str_radix(kind, 16).unwrap(),
+                u64::from_str_radix(when, 16).unwrap(),
+            );
+        }
+    }
+    panic!("no socket from {client} to {gateway} in /proc/net/tcp");
+}
+
+#[tokio::test]
+async fn a_quiet_tunnel_has_its_client_probed_for_being_alive_and_stays_open() {
+    let gw = Harness::start_with(Setup {
+        server_extra: "header_timeout = \"2s\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, mut tunnel) = upgrade(&gw, "/api/public/ws", None).await;
+    assert_eq!(status, 101);
+    assert_eq!(greeting(&mut tunnel).await, "openid=");
+    let client = tunnel.get_ref().local_addr().unwrap();
+    // On loopback the kernel answers for every socket, so a client that vanished without a FIN
+    // cannot be made here; what can be seen is the kernel about to probe a silent client
+    // after header_timeout (not the system's default of two hours).
+    let (kind, ticks) = gateway_side_timer(gw.addr, client);
+    assert_eq!(kind, 2, "no keep-alive timer on the gateway's side");
+    assert!(
+        ticks <= 200,
+        "the first probe is {ticks} ticks away, not 2 s"
+    );
+    // Once a probe has gone out, the next is due a probe interval (10 s) later. The kernel
+    // tells no one when it probes, so its timer is looked at until it moves.
+    let probed = async {
+        while gateway_side_timer(gw.addr, client).1 <= 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(CLOSE_BOUND, probed).await.is_ok(),
+        "no probe went out"
+    );
+    // The client's kernel answered it: the tunnel, quiet for longer than header_timeout, is
+    // as it was.
+    assert_echoed(&mut tunnel, b"still here").await;
+}
+
 #[tokio::test]
 async fn h2c_request_is_proxied_with_the_identity() {
     let gw = Harness::start().await;

@@ -21,6 +21,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use slab::Slab;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -202,6 +203,7 @@ async fn serve_connections<H, F>(
         };
         // Latency matters more than packet count for small API answers.
         let _ = stream.set_nodelay(true);
+        probe_when_silent(&stream, limits.header_timeout);
         let client = ClientConnection {
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
@@ -234,6 +236,30 @@ async fn serve_connections<H, F>(
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
     phase.send_replace(Phase::Closed);
+}
+
+/// Keep-alive probes a silent client's kernel must answer, `KEEPALIVE_INTERVAL` apart.
+const KEEPALIVE_PROBES: u32 = 6;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Has the kernel probe a client connection that has been silent for `silence`, and close it
+/// when the client's side answers none of the probes. An upgraded connection (a WebSocket) has
+/// no idle limit, so that a quiet but live one stays open (a live client's kernel answers the
+/// probes whatever its application does); without probes, one whose client vanished without a
+/// FIN (a phone that lost its network) while neither side had anything to say would hold its
+/// connection slot and its upstream connection for ever. HTTP connections have an idle limit of
+/// their own (`server.header_timeout`), so the probes matter to upgraded ones.
+fn probe_when_silent(stream: &TcpStream, silence: Duration) {
+    // The kernel counts the silence in whole seconds, from 1 to 32,767.
+    let silence = silence.clamp(Duration::from_secs(1), Duration::from_secs(32_767));
+    let probes = TcpKeepalive::new()
+        .with_time(silence)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    // A connection the option cannot be set on is served all the same, as it was before.
+    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!(error = %err, "cannot set TCP keep-alive on a client connection");
+    }
 }
 
 /// Which protocol a client speaks, told by its first bytes.
