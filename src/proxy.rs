@@ -6,7 +6,7 @@ use std::error::Error as StdError;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -204,23 +204,18 @@ impl Body for AnswerBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        const SILENT: &str =
+            "the upstream sent nothing more of its answer within the route's timeout";
         let this = &mut *self;
-        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.silence.went_on();
-            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
-        }
-        if this.silence.poll_over(cx).is_pending() {
-            return Poll::Pending;
-        }
-        let why = "the upstream sent nothing more of its answer within the route's timeout";
-        this.span.in_scope(|| {
-            tracing::warn!(
-                route = this.route.label.as_str(),
-                error = why,
-                "upstream request failed"
-            )
-        });
-        Poll::Ready(Some(Err(why.into())))
+        let (route, span) = (&this.route, &this.span);
+        this.silence.poll_frame(&mut this.inner, cx, |failed| {
+            let Some(err) = failed else {
+                let route = route.label.as_str();
+                span.in_scope(|| tracing::warn!(route, error = SILENT, "upstream request failed"));
+                return SILENT.into();
+            };
+            err.into()
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -290,14 +285,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.silence.went_on();
-            return Poll::Ready(frame.map(|frame| frame.map_err(ClientBodyFailed::Broken)));
-        }
-        if this.silence.poll_over(cx).is_pending() {
-            return Poll::Pending;
-        }
-        Poll::Ready(Some(Err(ClientBodyFailed::Stalled)))
+        this.silence.poll_frame(&mut this.inner, cx, |failed| {
+            failed.map_or(ClientBodyFailed::Stalled, ClientBodyFailed::Broken)
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -347,6 +337,22 @@ impl StallLimit {
             self.stalled = true;
         }
         timer.as_mut().poll(cx)
+    }
+
+    /// The next frame of `body`, or an error once it has sent nothing for `limit`. `failed`
+    /// makes the error: of the body's own error, or of `None` for the stall.
+    pub(crate) fn poll_frame<B: Body + Unpin, E>(
+        &mut self,
+        body: &mut B,
+        cx: &mut Context<'_>,
+        failed: impl FnOnce(Option<B::Error>) -> E,
+    ) -> Poll<Option<Result<Frame<B::Data>, E>>> {
+        if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
+            self.went_on();
+            return Poll::Ready(frame.map(|frame| frame.map_err(|err| failed(Some(err)))));
+        }
+        ready!(self.poll_over(cx));
+        Poll::Ready(Some(Err(failed(None))))
     }
 }
 
