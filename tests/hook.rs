@@ -73,12 +73,15 @@ async fn a_hook_that_says_no_refuses_the_login() {
 
 #[tokio::test]
 async fn a_hook_that_is_down_slow_or_garbled_is_502() {
-    let garbled = with_hook("garbage", "2s").await;
-    let (status, body) = garbled.login_raw(serde_json::json!({"code": "jon"})).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("login_hook_unavailable"))
-    );
+    for unclear in ["garbage", "claimless"] {
+        let garbled = with_hook(unclear, "2s").await;
+        let (status, body) = garbled.login_raw(serde_json::json!({"code": "jon"})).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (502, Some("login_hook_unavailable")),
+            "{unclear}"
+        );
+    }
 
     // A redirect is not a verdict, even towards a hook that would allow the login.
     let redirecting = with_hook("redirect", "2s").await;

@@ -15,9 +15,10 @@ struct HookRequest<'a> {
     user: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
+/// `claims` has no default: a 200 without it (`{"error": "db down"}`, `{}`) is a hook that
+/// failed without saying so, not a yes.
 #[derive(Deserialize)]
 struct HookAnswer {
-    #[serde(default)]
     claims: serde_json::Map<String, serde_json::Value>,
 }
 

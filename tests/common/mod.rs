@@ -277,6 +277,8 @@ async fn hook_answer(verdict: &str, request: Request<Incoming>) -> Response<Upst
             .to_string(),
         ),
         "deny" => (403, "{}".to_string()),
+        // A business API whose handler failed but still answered 200.
+        "claimless" => (200, r#"{"error": "db down"}"#.to_string()),
         // Sends the login, method and body kept (307), to the hook that would allow it.
         "redirect" => (307, String::new()),
         _ => (200, "<html>oops</html>".to_string()),
