@@ -1056,25 +1056,25 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
                 "token.signing_key",
                 format!("is required with algorithm {name} (a private key in PEM)"),
             ),
-            Some(file) => signing_key = key_file(&file, "token.signing_key", folder, problems),
+            Some(file) => {
+                signing_key = key_file(&file, "token.signing_key", algorithm, folder, problems)
+            }
         }
     }
     // Under HS256 they are refused above, and reading them would only add noise.
-    let verify_keys = raw
-        .verify_keys
-        .filter(|_| algorithm != Some(Algorithm::Hs256))
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .filter_map(|(index, file)| {
-            key_file(
-                file,
-                &format!("token.verify_keys[{index}]"),
-                folder,
-                problems,
-            )
-        })
-        .collect();
+    let verify_keys = match algorithm {
+        Some(Algorithm::Hs256) | None => Vec::new(),
+        Some(algorithm) => raw
+            .verify_keys
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, file)| {
+                let key = format!("token.verify_keys[{index}]");
+                key_file(file, &key, algorithm, folder, problems)
+            })
+            .collect(),
+    };
     let text = |value: Option<String>, default: &str, key: &str, problems: &mut Problems| {
         let value = value.unwrap_or_else(|| default.to_string());
         if value.is_empty() {
@@ -1113,11 +1113,26 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
     }
 }
 
-fn key_file(file: &str, key: &str, folder: &Path, problems: &mut Problems) -> Option<KeyFile> {
-    read_file(file, key, folder, problems).map(|(path, text)| KeyFile {
+/// Reads the key file named by `key` and checks that it holds a key for `algorithm`.
+fn key_file(
+    file: &str,
+    key: &str,
+    algorithm: Algorithm,
+    folder: &Path,
+    problems: &mut Problems,
+) -> Option<KeyFile> {
+    let (path, text) = read_file(file, key, folder, problems)?;
+    let file = KeyFile {
         path,
         pem: Secret(text),
-    })
+    };
+    match crate::token::key_problem(&file, key, algorithm) {
+        Some(problem) => {
+            problems.add(problem.key, problem.message);
+            None
+        }
+        None => Some(file),
+    }
 }
 
 fn validate_store(raw: RawStore, folder: &Path, problems: &mut Problems) -> StoreConfig {
@@ -1712,8 +1727,10 @@ auth = "required"
     fn full_file_parses_into_typed_values() {
         let dir = TempDir::new("full");
         dir.write("secrets/app-b", "secret-of-app-b\n");
-        dir.write("keys/current.pem", "CURRENT PEM");
-        dir.write("keys/previous.pem", "PREVIOUS PEM");
+        let current = es256_key();
+        let previous = es256_key();
+        dir.write("keys/current.pem", &current);
+        dir.write("keys/previous.pem", &previous);
         let text = r#"
 [server]
 listen = "127.0.0.1:8081"
@@ -1815,10 +1832,10 @@ timeout = "500ms"
         assert!(token.secret.is_none());
         let signing = token.signing_key.as_ref().unwrap();
         assert_eq!(signing.path, dir.0.join("keys/current.pem"));
-        assert_eq!(signing.pem.expose(), "CURRENT PEM");
+        assert_eq!(signing.pem.expose(), current);
         assert_eq!(token.verify_keys.len(), 1);
         assert_eq!(token.verify_keys[0].path, dir.0.join("keys/previous.pem"));
-        assert_eq!(token.verify_keys[0].pem.expose(), "PREVIOUS PEM");
+        assert_eq!(token.verify_keys[0].pem.expose(), previous);
         assert_eq!(token.access_ttl, Duration::from_secs(15 * 60));
         assert_eq!(token.refresh_ttl, Duration::from_secs(7 * 86400));
         assert_eq!(token.leeway, Duration::ZERO);
@@ -2300,6 +2317,10 @@ routes = 5
     fn algorithm_decides_which_key_settings_are_allowed() {
         let dir = TempDir::new("algorithms");
         dir.write("k.pem", "PEM");
+        for algorithm in [Algorithm::Es256, Algorithm::EdDsa, Algorithm::Rs256] {
+            let pem = crate::token::keygen(algorithm).unwrap();
+            dir.write(&format!("{}.pem", algorithm.name()), &pem);
+        }
         let parse_in_dir = |text: &str| Config::parse(text, &dir.0.join("c.toml"), &env);
 
         let hs256_with_keys = minimal_with(
@@ -2317,11 +2338,12 @@ routes = 5
         for algorithm in ["ES256", "EdDSA", "RS256"] {
             let text = minimal_with(
                 &format!("secret = \"{JWT_SECRET}\""),
-                &format!("algorithm = \"{algorithm}\"\nsigning_key = \"k.pem\""),
+                &format!("algorithm = \"{algorithm}\"\nsigning_key = \"{algorithm}.pem\""),
             );
             let config = parse_in_dir(&text).unwrap();
             assert_eq!(config.token.algorithm.name(), algorithm);
-            assert_eq!(config.token.signing_key.unwrap().pem.expose(), "PEM");
+            let pem = fs::read_to_string(dir.0.join(format!("{algorithm}.pem"))).unwrap();
+            assert_eq!(config.token.signing_key.unwrap().pem.expose(), pem);
         }
 
         let lower = minimal_with("[token]", "[token]\nalgorithm = \"eddsa\"");
@@ -2329,6 +2351,55 @@ routes = 5
             keys(&parse_in_dir(&lower).unwrap_err().problems),
             ["token.algorithm"]
         );
+    }
+
+    fn es256_key() -> String {
+        crate::token::keygen(Algorithm::Es256).unwrap()
+    }
+
+    #[test]
+    fn every_key_that_cannot_serve_is_listed_with_the_files_other_problems() {
+        let dir = TempDir::new("bad-keys");
+        dir.write("garbage.pem", "not a key");
+        dir.write(
+            "ed25519.pem",
+            &crate::token::keygen(Algorithm::EdDsa).unwrap(),
+        );
+        dir.write("rsa.pem", &crate::token::keygen(Algorithm::Rs256).unwrap());
+        let public_only = {
+            use p256::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+            p256::SecretKey::from_pkcs8_pem(&es256_key())
+                .unwrap()
+                .public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap()
+        };
+        dir.write("public.pem", &public_only);
+        let text = minimal_with(
+            &format!("secret = \"{JWT_SECRET}\""),
+            "algorithm = \"ES256\"\nsigning_key = \"public.pem\"\n\
+             verify_keys = [\"ed25519.pem\", \"rsa.pem\", \"garbage.pem\", \"public.pem\"]\n\n\
+             [store]\nbogus = 1",
+        );
+        let problems = Config::parse(&text, &dir.0.join("c.toml"), &env)
+            .unwrap_err()
+            .problems;
+        assert_eq!(
+            keys(&problems),
+            [
+                "token.signing_key",
+                "token.verify_keys[0]",
+                "token.verify_keys[1]",
+                "token.verify_keys[2]",
+                "store.bogus",
+            ],
+        );
+        assert!(problems[0].message.starts_with("is a public key"));
+        assert!(problems[1].message.contains("Ed25519"));
+        assert!(problems[2].message.contains("RSA"));
+        assert!(problems[3].message.starts_with("holds no PEM key"));
+        // Messages say what is wrong with a file, never what it holds.
+        assert!(!format!("{problems:?}").contains("not a key"));
     }
 
     #[test]
@@ -2808,8 +2879,10 @@ timeout = \"1m 30s\"
         // unknown to the parser.
         let dir = TempDir::new("example");
         let app_secret = dir.write("wx_app_secret", "secret-from-file\n");
-        dir.write("keys/current.pem", "CURRENT PEM");
-        dir.write("keys/previous.pem", "PREVIOUS PEM");
+        let current = es256_key();
+        let previous = es256_key();
+        dir.write("keys/current.pem", &current);
+        dir.write("keys/previous.pem", &previous);
         let uncommented = text
             .lines()
             .map(|line| {
@@ -2837,11 +2910,8 @@ timeout = \"1m 30s\"
         let config = Config::parse(&uncommented, &dir.0.join("config.toml"), &env)
             .unwrap_or_else(|err| panic!("config.toml uncommented:\n{err}"));
         assert_eq!(config.wechat.apps[0].secret.expose(), "secret-from-file");
-        assert_eq!(
-            config.token.signing_key.unwrap().pem.expose(),
-            "CURRENT PEM"
-        );
-        assert_eq!(config.token.verify_keys[0].pem.expose(), "PREVIOUS PEM");
+        assert_eq!(config.token.signing_key.unwrap().pem.expose(), current);
+        assert_eq!(config.token.verify_keys[0].pem.expose(), previous);
         assert_eq!(config.identity.claim_headers[0].0, "uid");
         let hook = config.login_hook.unwrap();
         assert_eq!(hook.url, "http://127.0.0.1:3000/internal/wechat-login");

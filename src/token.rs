@@ -237,14 +237,8 @@ fn asymmetric_keys(
             ),
         )
     })?;
-    let signing = read_key(file, "token.signing_key", algorithm)?;
-    let encoding = signing.private.ok_or_else(|| {
-        problem(
-            "token.signing_key",
-            "is a public key; signing needs the private key (a PEM PRIVATE KEY)".into(),
-        )
-    })?;
-    let mut published = vec![(signing.public.thumbprint(), signing.public)];
+    let (encoding, signing) = read_signing_key(file, algorithm)?;
+    let mut published = vec![(signing.thumbprint(), signing)];
     for (index, file) in config.verify_keys.iter().enumerate() {
         let key = read_key(file, &format!("token.verify_keys[{index}]"), algorithm)?.public;
         let kid = key.thumbprint();
@@ -253,6 +247,33 @@ fn asymmetric_keys(
         }
     }
     Ok((encoding, published))
+}
+
+/// Reads `token.signing_key`, which must hold the private half.
+fn read_signing_key(
+    file: &KeyFile,
+    algorithm: Algorithm,
+) -> Result<(EncodingKey, PublicKey), Problem> {
+    let signing = read_key(file, "token.signing_key", algorithm)?;
+    let encoding = signing.private.ok_or_else(|| {
+        problem(
+            "token.signing_key",
+            "is a public key; signing needs the private key (a PEM PRIVATE KEY)".into(),
+        )
+    })?;
+    Ok((encoding, signing.public))
+}
+
+/// What is wrong with a key file for `algorithm`, read as [`TokenKeys::from_config`] will read
+/// it: the config's validation asks this of each key, so that a bad key is listed with every
+/// other problem of the file rather than alone, once the rest is mended.
+pub(crate) fn key_problem(file: &KeyFile, key: &str, algorithm: Algorithm) -> Option<Problem> {
+    let read = if key == "token.signing_key" {
+        read_signing_key(file, algorithm).map(drop)
+    } else {
+        read_key(file, key, algorithm).map(drop)
+    };
+    read.err()
 }
 
 /// The public half of a key: what tokens are verified with, and what the JWKS publishes.

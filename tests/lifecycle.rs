@@ -432,6 +432,36 @@ async fn a_reload_names_each_setting_that_needs_a_restart_and_a_revert_is_quiet(
         keys
     };
 
+    // A file refused for a key that cannot sign changes nothing, now or after a restart: no
+    // setting is named as waiting for one.
+    std::fs::write(gw.config.with_file_name("es256.pem"), "not a key").unwrap();
+    let refused = running
+        .replace(
+            "shutdown_grace = \"30s\"",
+            "shutdown_grace = \"30s\"\nmax_connections = 100",
+        )
+        .replace(
+            &format!("secret = \"{JWT_SECRET}\""),
+            "algorithm = \"ES256\"\nsigning_key = \"es256.pem\"",
+        );
+    std::fs::write(&gw.config, refused).unwrap();
+    gw.signal("HUP");
+    let (refusal, before) = gw
+        .wait_for_event("the refused reload", |line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("config reload refused"))
+        })
+        .await;
+    assert!(
+        refusal["problems"]
+            .as_str()
+            .unwrap()
+            .contains("token.signing_key"),
+        "{refusal}"
+    );
+    assert_eq!(restart_keys(&before), Vec::<String>::new());
+
     let changed = running.replace(
         "shutdown_grace = \"30s\"",
         "shutdown_grace = \"30s\"\nmax_connections = 100\nheader_timeout = \"10s\"",

@@ -1096,13 +1096,15 @@ pub fn reload(
     state: &SharedState,
 ) -> Result<(), crate::config::ConfigError> {
     let current = state.load_full();
-    let outcome = crate::Config::load(path).and_then(|config| {
-        for key in current.services.restart_settings.changed_in(&config) {
-            tracing::warn!(key, "this setting takes effect only after a restart");
-        }
-        State::new(config, current.services.clone())
-    });
-    let outcome = outcome.map(|next| state.store(Arc::new(next)));
+    let outcome = crate::Config::load(path)
+        .and_then(|config| State::new(config, current.services.clone()))
+        .map(|next| {
+            // Only for a config that is taken: one refused changes nothing, now or later.
+            for key in current.services.restart_settings.changed_in(&next.config) {
+                tracing::warn!(key, "this setting takes effect only after a restart");
+            }
+            state.store(Arc::new(next))
+        });
     let result = if outcome.is_ok() { "ok" } else { "error" };
     current
         .services
