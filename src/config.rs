@@ -822,6 +822,21 @@ fn validate_server(raw: RawServer, problems: &mut Problems) -> ServerConfig {
         "" => None,
         addr => Some(socket_addr(addr, "server.admin_listen", problems)),
     };
+    if let Some(admin) = admin_listen
+        && admin.port() != 0
+        && admin.port() == listen.port()
+        && (admin.ip() == listen.ip()
+            || admin.ip().is_unspecified()
+            || listen.ip().is_unspecified())
+    {
+        problems.add(
+            "server.admin_listen",
+            format!(
+                "shares port {} with server.listen: one of them could not listen",
+                admin.port()
+            ),
+        );
+    }
     let auth_path = raw.auth_path.as_deref().unwrap_or("/auth");
     if !auth_path.starts_with('/')
         || auth_path.contains(['?', '#'])
@@ -871,7 +886,7 @@ fn validate_server(raw: RawServer, problems: &mut Problems) -> ServerConfig {
         shutdown_grace: duration(
             raw.shutdown_grace.as_deref(),
             "20s",
-            false,
+            GRACE,
             "server.shutdown_grace",
             problems,
         ),
@@ -879,7 +894,7 @@ fn validate_server(raw: RawServer, problems: &mut Problems) -> ServerConfig {
         header_timeout: duration(
             raw.header_timeout.as_deref(),
             "30s",
-            true,
+            WAIT,
             "server.header_timeout",
             problems,
         ),
@@ -947,7 +962,7 @@ fn validate_wechat(
         timeout: duration(
             raw.timeout.as_deref(),
             "5s",
-            true,
+            WAIT,
             "wechat.timeout",
             problems,
         ),
@@ -1092,21 +1107,21 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
         access_ttl: duration(
             raw.access_ttl.as_deref(),
             "2h",
-            true,
+            LIFETIME,
             "token.access_ttl",
             problems,
         ),
         refresh_ttl: duration(
             raw.refresh_ttl.as_deref(),
             "30d",
-            true,
+            LIFETIME,
             "token.refresh_ttl",
             problems,
         ),
         leeway: duration(
             raw.leeway.as_deref(),
             "30s",
-            false,
+            LEEWAY,
             "token.leeway",
             problems,
         ),
@@ -1346,7 +1361,7 @@ fn validate_login_hook(raw: RawLoginHook, problems: &mut Problems) -> LoginHookC
         timeout: duration(
             raw.timeout.as_deref(),
             "3s",
-            true,
+            WAIT,
             "login_hook.timeout",
             problems,
         ),
@@ -1506,7 +1521,7 @@ fn validate_route(
         timeout: duration(
             raw.timeout.as_deref(),
             "30s",
-            true,
+            WAIT,
             &format!("{key}.timeout"),
             problems,
         ),
@@ -1584,24 +1599,79 @@ fn integer<T: TryFrom<i64> + Default + fmt::Display>(
     }
 }
 
+/// The range a duration setting may take. The upper bounds are far past any sensible value;
+/// they keep a mistyped one (`"30000y"`) from overflowing the clock arithmetic that every
+/// request does with it.
+struct DurationBounds {
+    min: Duration,
+    max: Duration,
+    /// Token times are whole seconds (JWT `exp` and `expires_in` are): a fraction would be
+    /// dropped without a word.
+    whole_seconds: bool,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A timeout: longer than zero, at most a day.
+const WAIT: DurationBounds = DurationBounds {
+    min: Duration::from_nanos(1),
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// A grace period: zero (none) to a day.
+const GRACE: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: DAY,
+    whole_seconds: false,
+};
+
+/// The longest a token may live: ten years.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
+
+/// A token's lifetime: a second to ten years.
+const LIFETIME: DurationBounds = DurationBounds {
+    min: Duration::from_secs(1),
+    max: MAX_TOKEN_LIFETIME,
+    whole_seconds: true,
+};
+
+/// The most clock skew `token.leeway` may allow. A revocation is kept this long past the
+/// revoked token's `exp`, whatever the leeway is, so that raising the leeway by a reload or a
+/// restart cannot bring a logged-out token back into its window.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+const LEEWAY: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: MAX_LEEWAY,
+    whole_seconds: true,
+};
+
 fn duration(
     value: Option<&str>,
     default: &str,
-    positive: bool,
+    bounds: DurationBounds,
     key: &str,
     problems: &mut Problems,
 ) -> Duration {
-    match humantime::parse_duration(value.unwrap_or(default)) {
-        Ok(duration) if positive && duration.is_zero() => {
-            problems.add(key, "must be longer than zero");
-            duration
-        }
-        Ok(duration) => duration,
-        Err(_) => {
-            problems.add(key, "must be a duration like \"30s\", \"2h\" or \"30d\"");
-            Duration::ZERO
-        }
+    let Ok(duration) = humantime::parse_duration(value.unwrap_or(default)) else {
+        problems.add(key, "must be a duration like \"30s\", \"2h\" or \"30d\"");
+        return Duration::ZERO;
+    };
+    let shown = |bound: Duration| humantime::format_duration(bound).to_string();
+    if duration < bounds.min {
+        let message = if bounds.min < Duration::from_secs(1) {
+            "must be longer than zero".to_string()
+        } else {
+            format!("must be at least {}", shown(bounds.min))
+        };
+        problems.add(key, message);
+    } else if duration > bounds.max {
+        problems.add(key, format!("must be at most {}", shown(bounds.max)));
+    } else if bounds.whole_seconds && duration.subsec_nanos() != 0 {
+        problems.add(key, "must be whole seconds, like \"90s\" or \"2h\"");
     }
+    duration
 }
 
 /// Reads a file named by `key`, relative to the config file's folder unless absolute. The
@@ -2503,6 +2573,76 @@ routes = 5
             keys(&problems),
             ["wechat.timeout", "token.access_ttl", "token.leeway"]
         );
+    }
+
+    #[test]
+    fn the_admin_listener_cannot_take_the_gateways_port() {
+        let with = |listen: &str, admin: &str| {
+            let text = MINIMAL.replace(
+                "[token]",
+                &format!("[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\n[token]"),
+            );
+            parse(&text)
+                .err()
+                .map_or(String::new(), |err| keys(&err.problems).join(","))
+        };
+        assert_eq!(with("0.0.0.0:8080", "0.0.0.0:8080"), "server.admin_listen");
+        assert_eq!(
+            with("0.0.0.0:8080", "127.0.0.1:8080"),
+            "server.admin_listen"
+        );
+        assert_eq!(
+            with("127.0.0.1:8080", "0.0.0.0:8080"),
+            "server.admin_listen"
+        );
+        assert_eq!(with("127.0.0.1:8080", "127.0.0.2:8080"), "");
+        assert_eq!(with("0.0.0.0:8080", "127.0.0.1:9090"), "");
+        // Port 0 is a fresh port for each.
+        assert_eq!(with("127.0.0.1:0", "127.0.0.1:0"), "");
+    }
+
+    #[test]
+    fn a_duration_past_its_bounds_is_refused_before_it_can_overflow_a_clock() {
+        let text = MINIMAL
+            .replace(
+                "[token]",
+                "[server]\nheader_timeout = \"30000y\"\nshutdown_grace = \"2d\"\n\n\
+                 [login_hook]\nurl = \"http://127.0.0.1:1/hook\"\ntimeout = \"500000000000y\"\n\n\
+                 [token]\naccess_ttl = \"500ms\"\nrefresh_ttl = \"90500ms\"\nleeway = \"60y\"",
+            )
+            .replace(
+                "auth = \"required\"",
+                "auth = \"required\"\ntimeout = \"25h\"",
+            );
+        let problems = problems(&text);
+        let found: Vec<_> = problems
+            .iter()
+            .map(|problem| (problem.key.as_str(), problem.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("server.shutdown_grace", "must be at most 1day"),
+                ("server.header_timeout", "must be at most 1day"),
+                ("token.access_ttl", "must be at least 1s"),
+                (
+                    "token.refresh_ttl",
+                    "must be whole seconds, like \"90s\" or \"2h\""
+                ),
+                ("token.leeway", "must be at most 5m"),
+                ("login_hook.timeout", "must be at most 1day"),
+                ("routes[0].timeout", "must be at most 1day"),
+            ]
+        );
+
+        let longest = MINIMAL.replace(
+            "[token]",
+            "[server]\nheader_timeout = \"1d\"\nshutdown_grace = \"0s\"\n\n\
+             [token]\naccess_ttl = \"1s\"\nrefresh_ttl = \"3650d\"\nleeway = \"5m\"",
+        );
+        let config = parse(&longest).unwrap();
+        assert_eq!(config.token.leeway, MAX_LEEWAY);
+        assert_eq!(config.token.refresh_ttl, MAX_TOKEN_LIFETIME);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use rsa::traits::PublicKeyParts;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Algorithm, Config, ConfigError, KeyFile, Problem, TokenConfig};
+use crate::config::{
+    Algorithm, Config, ConfigError, KeyFile, MAX_TOKEN_LIFETIME, Problem, TokenConfig,
+};
 use crate::error::Error;
 
 /// The claims of an access token. Login-hook claims sit in `extra` and can never replace the
@@ -553,6 +555,12 @@ pub fn mint(config: &Config, request: &MintRequest<'_>) -> anyhow::Result<String
     // exp counts whole seconds: anything shorter would mint a token already expired.
     if ttl.as_secs() == 0 {
         anyhow::bail!("--ttl must be at least 1s");
+    }
+    if ttl > MAX_TOKEN_LIFETIME {
+        anyhow::bail!(
+            "--ttl must be at most {}",
+            humantime::format_duration(MAX_TOKEN_LIFETIME)
+        );
     }
     let keys = TokenKeys::from_config(&config.token).map_err(|problem| ConfigError {
         problems: vec![problem],

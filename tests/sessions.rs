@@ -200,6 +200,53 @@ async fn a_revocation_lasts_as_long_as_the_token_whatever_the_ttl_at_start() {
 }
 
 #[tokio::test]
+async fn a_logged_out_token_stays_refused_when_a_reload_raises_the_leeway() {
+    let gw = Harness::start_with(Setup {
+        access_ttl: "1s",
+        leeway: "0s",
+        ..Setup::default()
+    })
+    .await;
+    let access = field(&gw.login("uma").await, "access_token").to_string();
+    let (status, _) = gw
+        .post("/auth/logout", Some(&access), serde_json::json!({}))
+        .await;
+    assert_eq!(status, 204);
+    let refusal = async || {
+        gw.get("/api/x", &[("authorization", &bearer(&access))])
+            .await
+            .1["error"]
+            .as_str()
+            .map(str::to_string)
+    };
+    // The gateway's own verdict says when the token has expired; the bound only keeps a
+    // token that never expires from hanging the suite.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while refusal().await.as_deref() != Some("token_expired") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the one-second token never expired");
+
+    // A minute of leeway puts the expired token back in its window: its revocation must still
+    // be listed.
+    gw.reload(Setup {
+        access_ttl: "1s",
+        leeway: "60s",
+        ..Setup::default()
+    });
+    assert_eq!(refusal().await.as_deref(), Some("token_revoked"));
+    let (status, body) = gw
+        .get("/auth/me", &[("authorization", &bearer(&access))])
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_revoked"))
+    );
+}
+
+#[tokio::test]
 async fn a_long_lived_token_is_listed_as_revoked_until_its_own_exp() {
     // What `wxgate token --ttl 10d` mints, logged out with.
     let gw = Harness::start().await;
@@ -224,8 +271,8 @@ async fn a_long_lived_token_is_listed_as_revoked_until_its_own_exp() {
         listed,
         [Revoked {
             sid: claims.sid,
-            // The harness's leeway: 5 s.
-            until: claims.exp + 5,
+            // Past the harness's leeway, 5 s, to the most any reload could give it.
+            until: claims.exp + wxgate::config::MAX_LEEWAY.as_secs(),
         }]
     );
 }

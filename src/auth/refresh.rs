@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::{json_response, read_json, require_token, store_failed};
+use crate::config::MAX_LEEWAY;
 use crate::error::Error;
 use crate::state::State;
 use crate::store::{Rotation, SessionRecord, seal};
@@ -84,8 +85,8 @@ pub fn refresh_name(token: &str) -> seal::Name {
 }
 
 /// An access token for `session` and the token response around it and `refresh_token`; and
-/// until when (unix seconds) that access token will be accepted, `exp` plus leeway, for the
-/// store to list a revocation of the session that long.
+/// until when (unix seconds) that access token could be accepted, for the store to list a
+/// revocation of the session that long.
 pub(super) fn token_response(
     state: &State,
     session: &SessionRecord,
@@ -111,12 +112,13 @@ pub(super) fn token_response(
         unionid: session.unionid.clone(),
         user: None,
     };
-    Ok((response, accepted_until(state, claims.exp)))
+    Ok((response, accepted_until(claims.exp)))
 }
 
-/// Until when (unix seconds) verification accepts a token that expires at `exp`.
-fn accepted_until(state: &State, exp: u64) -> u64 {
-    exp.saturating_add(state.config.token.leeway.as_secs())
+/// Until when (unix seconds) a token that expires at `exp` could be accepted: past the leeway
+/// verification allows now, and past any it may be given by a later reload.
+fn accepted_until(exp: u64) -> u64 {
+    exp.saturating_add(MAX_LEEWAY.as_secs())
 }
 
 pub(super) async fn refresh(
@@ -173,7 +175,7 @@ pub(super) async fn refresh(
             // The store lists the revocation as long as the session's last access token lives;
             // a token of the current lifetime issued now is the floor, for sessions recorded
             // before the store kept that.
-            let floor = accepted_until(state, now + state.keys.access_ttl().as_secs());
+            let floor = accepted_until(now + state.keys.access_ttl().as_secs());
             revoke(state, &session.sid, floor).await?;
             Err(Error::RefreshTokenReused)
         }
@@ -186,7 +188,7 @@ pub(super) async fn logout(
     headers: &HeaderMap,
 ) -> Result<Response<Full<Bytes>>, Error> {
     let claims = require_token(state, headers)?;
-    revoke(state, &claims.sid, accepted_until(state, claims.exp)).await?;
+    revoke(state, &claims.sid, accepted_until(claims.exp)).await?;
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
