@@ -10,6 +10,17 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::IdentityConfig;
 use crate::token::Claims;
 
+/// The headers the gateway sets itself. Spelled with `-`, the proxy replaces a client's by its
+/// own rules; spelled with `_` (`X_Forwarded_For`), a client's would pass as another header and
+/// reach a CGI-style upstream as the same variable as the gateway's, and ahead of it: a client
+/// address of the client's choosing. So those spellings are stripped as a protected family's.
+const SET_BY_GATEWAY: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
 pub struct IdentityRules {
     openid: HeaderName,
     unionid: HeaderName,
@@ -44,7 +55,8 @@ impl IdentityRules {
             .map(|prefix| normalize(prefix))
             .collect();
         let mut first_bytes = [false; 256];
-        for normalized in exact.iter().chain(&prefixes) {
+        let names = exact.iter().chain(&prefixes).map(String::as_str);
+        for normalized in names.chain(SET_BY_GATEWAY) {
             match normalized.as_bytes().first() {
                 Some(&first) => {
                     for byte in 0..=u8::MAX {
@@ -79,6 +91,7 @@ impl IdentityRules {
             || self.prefixes.iter().any(|prefix| {
                 name.len() >= prefix.len() && same_name(&name[..prefix.len()], prefix)
             })
+            || (SET_BY_GATEWAY.iter().any(|set| same_name(name, set)) && name.contains('_'))
     }
 
     /// Removes every header of a protected family.
@@ -251,6 +264,23 @@ mod tests {
             assert!(rules.is_protected(name), "{name}");
         }
         for name in ["userid", "Host", "authorization", "private-x", "X-WX"] {
+            assert!(!rules.is_protected(name), "{name}");
+        }
+        // The gateway's own headers: the `_` spellings go; the proxy sets the `-` ones.
+        for name in [
+            "X_Forwarded_For",
+            "x-forwarded_proto",
+            "X_FORWARDED_HOST",
+            "x_request_id",
+        ] {
+            assert!(rules.is_protected(name), "{name}");
+        }
+        for name in [
+            "X-Forwarded-For",
+            "x-forwarded-proto",
+            "X-Request-ID",
+            "x_forwarded",
+        ] {
             assert!(!rules.is_protected(name), "{name}");
         }
         let everything = rules_with("", ("uid", "user-id"));

@@ -91,7 +91,11 @@ pub async fn forward(
     }
     set_forwarded(state, headers, client, host.as_ref());
     headers.insert(X_REQUEST_ID, request_id.clone());
-    if let Some(host) = host {
+    // HTTP/1.0 may leave the host out, and HTTP/2 `:authority`, but the upstream hears
+    // HTTP/1.1, which requires `Host` (RFC 9112 §3.2): the upstream's own name stands in, as
+    // with nginx's `proxy_pass`.
+    let upstream_host = || HeaderValue::from_str(route.upstream_authority().as_str()).ok();
+    if let Some(host) = host.or_else(upstream_host) {
         headers.insert(HOST, host);
     }
     // Hop-by-hop by nature, but an upgrade is asked of the upstream on the client's behalf.

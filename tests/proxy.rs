@@ -703,6 +703,38 @@ async fn forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
 }
 
 #[tokio::test]
+async fn forwarded_headers_spelled_with_underscores_never_reach_the_upstream_on_either_path() {
+    // A CGI, WSGI or PHP upstream reads `X_Forwarded_For` as the same variable as the
+    // gateway's `X-Forwarded-For`, and first: a client address of the client's choosing.
+    let spoofed = "X_Forwarded_For: 6.6.6.6\r\nx_forwarded_proto: gopher\r\n\
+                   X_FORWARDED_HOST: evil.example\r\nX_Request_ID: spoof-id\r\n";
+    for trusted in ["", "trusted_proxies = [\"127.0.0.0/8\"]"] {
+        let gw = Harness::start_with(Setup {
+            server_extra: trusted.into(),
+            ..Setup::default()
+        })
+        .await;
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        // A bodiless GET takes the fast lane; a POST with a body the general path.
+        let requests = format!(
+            "GET /api/public/x HTTP/1.1\r\nHost: gw\r\n{spoofed}\r\n\
+             POST /api/public/x HTTP/1.1\r\nHost: gw\r\n{spoofed}Content-Length: 2\r\n\r\nhi"
+        );
+        stream.write_all(requests.as_bytes()).await.unwrap();
+        for (status, echo) in read_answers(&mut stream, 2).await {
+            assert_eq!(status, 200);
+            let text = echo.to_string();
+            for spoof in ["6.6.6.6", "gopher", "evil.example", "spoof-id"] {
+                assert!(!text.contains(spoof), "{trusted}: {text}");
+            }
+            assert_eq!(echoed_header(&echo, "x-forwarded-for"), ["127.0.0.1"]);
+            assert_eq!(echoed_header(&echo, "x-forwarded-proto"), ["http"]);
+            assert_eq!(echoed_header(&echo, "x-forwarded-host"), ["gw"]);
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_request_without_a_host_or_with_two_is_400_and_never_reaches_the_upstream() {
     let gw = Harness::start().await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
@@ -725,13 +757,18 @@ async fn a_request_without_a_host_or_with_two_is_400_and_never_reaches_the_upstr
     assert_eq!(answers[2].0, 200);
     assert_eq!(echoed_header(&answers[2].1, "host"), ["gw"]);
     assert_eq!(gw.upstream.requests_seen(), 1);
-    // HTTP/1.0 has no Host to require.
+    // HTTP/1.0 has no Host to require, but the upstream hears HTTP/1.1, which does: it gets
+    // its own name, as from nginx.
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     stream
         .write_all(b"GET /api/public/x HTTP/1.0\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(read_answer(&mut stream).await.0, 200);
+    let (status, echo) = read_answer(&mut stream).await;
+    assert_eq!(status, 200);
+    let upstream = gw.upstream.addr.to_string();
+    assert_eq!(echoed_header(&echo, "host"), [upstream.as_str()]);
+    assert!(echoed_header(&echo, "x-forwarded-host").is_empty());
 }
 
 #[tokio::test]
