@@ -113,7 +113,10 @@ pub(super) async fn serve(
                             &mut lane.last_token,
                         ) {
                             Some(plan) => Step::Answer(head_len, plan),
-                            None => Step::Handover,
+                            None => match framing_refused(&request) {
+                                Some(why) => Step::Malformed(why),
+                                None => Step::Handover,
+                            },
                         }
                     }
                     Ok(httparse::Status::Partial) if pending.len() < super::MAX_HEADER_BYTES => {
@@ -122,7 +125,9 @@ pub(super) async fn serve(
                     Ok(httparse::Status::Partial) => Step::TooLarge,
                     // hyper answers too many headers 431, as the lane does a head too long.
                     Err(httparse::Error::TooManyHeaders) => Step::TooLarge,
-                    Err(_) => Step::Malformed,
+                    Err(_) => {
+                        Step::Malformed("the request line or headers do not parse as HTTP/1.1")
+                    }
                 }
             };
             match step {
@@ -135,13 +140,13 @@ pub(super) async fn serve(
                 }
                 Step::ReadMore => Step::ReadMore,
                 Step::TooLarge => Step::TooLarge,
-                Step::Malformed => Step::Malformed,
+                Step::Malformed(why) => Step::Malformed(why),
                 Step::Handover => Step::Handover,
             }
         };
         match step {
             Step::Handover => break Ended::Handover(pending),
-            Step::Malformed | Step::TooLarge => {
+            Step::Malformed(_) | Step::TooLarge => {
                 // A head refused unread still has its access-log line and its count, with no
                 // method or path to give.
                 let state = shared.load_full();
@@ -154,13 +159,15 @@ pub(super) async fn serve(
                     &request_id,
                 );
                 let request_id = request_id.as_bytes();
-                record.status = if matches!(step, Step::Malformed) {
+                record.status = if let Step::Malformed(why) = step {
                     // hyper, which parses with httparse too, would refuse the head with an
                     // empty 400; the gateway's refusals are JSON.
-                    let malformed = Error::BadRequest(
-                        "the request line or headers do not parse as HTTP/1.1".into(),
-                    );
-                    write_error(&mut lane.out, malformed, request_id, true)
+                    write_error(
+                        &mut lane.out,
+                        Error::BadRequest(why.into()),
+                        request_id,
+                        true,
+                    )
                 } else {
                     // What hyper answers past its `max_header_size` or its header count. The
                     // lane's buffer stops at the same size, so it answers here rather than
@@ -274,8 +281,55 @@ enum Step<A> {
     Answer(usize, A),
     ReadMore,
     TooLarge,
-    Malformed,
+    /// A head refused, and why.
+    Malformed(&'static str),
     Handover,
+}
+
+/// Why hyper would refuse a head's framing, which it does with an empty 400 and no log line:
+/// the lane, which hands hyper every request with a body, refuses it first with the gateway's
+/// JSON answer. hyper's reading (1.x, `Server::parse` in `proto/h1/role.rs`) in its order, so
+/// that nothing hyper would take is refused: `Transfer-Encoding` on HTTP/1.0, a last coding
+/// other than `chunked`, a `Content-Length` ahead of any `Transfer-Encoding` that is not
+/// digits alone, or two that differ.
+fn framing_refused(request: &httparse::Request<'_, '_>) -> Option<&'static str> {
+    let (mut length, mut coded, mut chunked) = (None, false, false);
+    for header in request.headers.iter() {
+        match classify(header.name) {
+            Name::TransferEncoding if request.version != Some(1) => {
+                return Some("an HTTP/1.0 request cannot carry Transfer-Encoding");
+            }
+            Name::TransferEncoding => {
+                coded = true;
+                // hyper reads a value that is not ASCII as no coding it knows.
+                chunked = header.value.is_ascii()
+                    && header
+                        .value
+                        .rsplit(|&byte| byte == b',')
+                        .next()
+                        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            Name::ContentLength if !coded => {
+                let digits =
+                    !header.value.is_empty() && header.value.iter().all(u8::is_ascii_digit);
+                let value = std::str::from_utf8(header.value)
+                    .ok()
+                    .filter(|_| digits)
+                    .and_then(|text| text.parse::<u64>().ok());
+                let Some(value) = value else {
+                    return Some("the request's Content-Length is not one whole number");
+                };
+                if length
+                    .replace(value)
+                    .is_some_and(|earlier| earlier != value)
+                {
+                    return Some("the request carries two different Content-Lengths");
+                }
+            }
+            _ => {}
+        }
+    }
+    (coded && !chunked).then_some("the request's Transfer-Encoding does not end in chunked")
 }
 
 /// hyper's answer to a head too large, with the request id its access-log line carries.
