@@ -3,7 +3,7 @@
 //! does not compile until someone decides what the client sees.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -48,8 +48,10 @@ pub enum Error {
     LoginRefused,
     #[error("no route matches this path")]
     NoRoute,
+    /// `allow` lists the methods that are accepted, for the `Allow` header RFC 9110 §15.5.6
+    /// has every 405 carry.
     #[error("this route does not accept this method")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: String },
     #[error(
         "the stored session_key cannot decrypt this data, most often because a newer login \
          rotated it: log in again, then fetch the data again"
@@ -149,7 +151,9 @@ impl Error {
             }
             LoginRefused => Answer::new(StatusCode::FORBIDDEN, "login_refused"),
             NoRoute => Answer::new(StatusCode::NOT_FOUND, "no_route"),
-            MethodNotAllowed => Answer::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            MethodNotAllowed { .. } => {
+                Answer::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             SessionKeyStale => Answer::new(StatusCode::CONFLICT, "session_key_stale"),
             PayloadTooLarge => Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             RateLimited {
@@ -209,6 +213,11 @@ impl Error {
         }
         if let Some(secs) = answer.retry_after_secs {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Error::MethodNotAllowed { allow } = &self
+            && let Ok(allow) = HeaderValue::from_str(allow)
+        {
+            headers.insert(ALLOW, allow);
         }
         response
     }

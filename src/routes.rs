@@ -126,6 +126,14 @@ impl Route {
         }
     }
 
+    /// The refusal of a method [`Route::allows_method`] does not allow, naming those it does.
+    pub fn method_refused(&self) -> Error {
+        let allowed = self.config.methods.iter().flatten().map(Method::as_str);
+        Error::MethodNotAllowed {
+            allow: allowed.collect::<Vec<_>>().join(", "),
+        }
+    }
+
     pub fn allows_app(&self, appid: &str) -> bool {
         match &self.config.apps {
             None => true,

@@ -401,6 +401,7 @@ async fn jwks_is_404_under_hs256_and_get_only() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
 }
 
 #[tokio::test]

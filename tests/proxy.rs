@@ -621,14 +621,17 @@ async fn routing_checks_run_in_spec_order() {
     let (status, body) = gw.get("/apix", &[]).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("no_route")));
 
-    // Method is checked before the token: no token, wrong method → 405.
-    let response = gw
-        .client
-        .post(gw.url("/api/get-only/x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 405);
+    // Method is checked before the token: no token, wrong method → 405, which names the
+    // methods the route takes (RFC 9110 §15.5.6). A POST with a body takes the general path,
+    // a bodiless DELETE the fast lane.
+    for request in [
+        gw.client.post(gw.url("/api/get-only/x")).body("x"),
+        gw.client.delete(gw.url("/api/get-only/x")),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()["allow"], "GET");
+    }
 
     let login = gw
         .login_raw(serde_json::json!({"code": "heidi", "appid": OTHER_APPID}))
@@ -905,11 +908,17 @@ async fn unknown_auth_endpoint_and_wrong_method() {
     let gw = Harness::start().await;
     let (status, body) = gw.get("/auth/nothing", &[]).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("no_route")));
-    let (status, body) = gw.get("/auth/login", &[]).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+    for (path, allowed) in [("/auth/login", "POST"), ("/auth/logout/", "POST")] {
+        let response = gw.client.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 405, "{path}");
+        assert_eq!(response.headers()["allow"], allowed, "{path}");
+        let body: serde_json::Value =
+            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        assert_eq!(body["error"], "method_not_allowed");
+    }
+    let response = gw.client.post(gw.url("/auth/me")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
     let (status, _) = gw.get("/.well-known/jwks.json", &[]).await;
     assert_eq!(status, 404);
 }

@@ -50,7 +50,9 @@ pub async fn handle(
         // HS256 keys are secret: there is nothing to publish.
         let body = state.keys.jwks_body().ok_or(Error::NoRoute)?;
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
-            return Err(Error::MethodNotAllowed);
+            return Err(Error::MethodNotAllowed {
+                allow: "GET, HEAD".into(),
+            });
         }
         let mut response = Response::new(Full::new(body));
         let headers = response.headers_mut();
@@ -77,9 +79,12 @@ pub async fn handle(
         "/phone" if method == Method::POST => open_data::phone(state, request).await,
         "/refresh" if method == Method::POST => refresh::refresh(state, request).await,
         "/logout" if method == Method::POST => refresh::logout(state, request.headers()).await,
-        "/login" | "/me" | "/decrypt" | "/phone" | "/refresh" | "/logout" => {
-            Err(Error::MethodNotAllowed)
-        }
+        "/me" => Err(Error::MethodNotAllowed {
+            allow: "GET".into(),
+        }),
+        "/login" | "/decrypt" | "/phone" | "/refresh" | "/logout" => Err(Error::MethodNotAllowed {
+            allow: "POST".into(),
+        }),
         _ => Err(Error::NoRoute),
     }
 }

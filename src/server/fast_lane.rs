@@ -647,7 +647,7 @@ fn decide<'s>(
     record.route = route.series.clone();
     let method = record.method.as_ref();
     if !method.is_some_and(|method| route.allows_method(method)) {
-        return Err(Error::MethodNotAllowed);
+        return Err(route.method_refused());
     }
     let identity = auth::authorize_bearer(route, || match authorization {
         Some(value) => auth::verify_remembered(state, last_token, value),

@@ -910,7 +910,7 @@ async fn dispatch(
     let route: &Route = state.routes.find(path).ok_or(Error::NoRoute)?;
     *route_series = route.series.clone();
     if !route.allows_method(request.method()) {
-        return Err(Error::MethodNotAllowed);
+        return Err(route.method_refused());
     }
     let identity = auth::authorize(state, route, request.headers())?;
     if proxy::declared_over(request.body(), state.config.server.max_body_bytes) {
