@@ -455,9 +455,22 @@ fn map_errcode(errcode: i64) -> Error {
         -1 => Error::WechatBusy {
             retry_after_secs: BUSY_RETRY_AFTER_SECS,
         },
-        other => Error::WechatUnavailable {
-            wechat_errcode: Some(other),
-        },
+        other => {
+            // Each of these is the client's 502, but most of them are the operator's to mend,
+            // and each repeats on every login until mended: the log says which it is.
+            let hint = match other {
+                40013 | 41002 => "WeChat knows no such appid: check wechat.apps[].appid",
+                40125 | 41004 => "WeChat refused the app secret: check wechat.apps[].secret",
+                40164 | 89503 => {
+                    "WeChat refused this server's IP address: add it to the app's IP whitelist"
+                }
+                _ => "an errcode the gateway does not map: see WeChat's documentation",
+            };
+            tracing::warn!(errcode = other, hint, "WeChat refused the call");
+            Error::WechatUnavailable {
+                wechat_errcode: Some(other),
+            }
+        }
     }
 }
 
@@ -1020,9 +1033,32 @@ mod tests {
                 "slow",
             )
             .await;
+        // An app secret WeChat refuses is the operator's to mend: said at warn, with no secret.
+        let (refusing, _) = scripted_host(|_| {
+            Response::new(Full::new(Bytes::from_static(
+                b"{\"errcode\":40125,\"errmsg\":\"invalid appsecret\"}",
+            )))
+        })
+        .await;
+        let refused = client
+            .exchange_code(&settings(&[&refusing], TIMEOUT), &app(), "leakcheck-4")
+            .await;
+        assert_eq!(
+            refused.err(),
+            Some(Error::WechatUnavailable {
+                wechat_errcode: Some(40125)
+            })
+        );
 
         let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert!(logs.contains("WeChat answered"), "{logs}");
+        let refusal = logs
+            .lines()
+            .find(|line| line.contains("WeChat refused the call"))
+            .unwrap_or_else(|| panic!("no refusal in the logs:\n{logs}"));
+        assert!(refusal.contains("WARN"), "{refusal}");
+        assert!(refusal.contains("errcode=40125"), "{refusal}");
+        assert!(refusal.contains("check wechat.apps[].secret"), "{refusal}");
         assert!(logs.contains("connecting to"), "hyper-util's trace: {logs}");
         for secret in [
             APP_SECRET,
