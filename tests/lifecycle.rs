@@ -391,6 +391,51 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_grace_period_cuts_off_are_logged_as_503_before_the_gateway_stops() {
+    let (mock, upstream) = world().await;
+    let text = config(mock, upstream.addr, "")
+        .replace("shutdown_grace = \"30s\"", "shutdown_grace = \"200ms\"");
+    let mut gw = Process::start(&text).await;
+    // A GET takes the fast lane, a POST with a body the general path.
+    let on_the_lane = tokio::spawn(
+        http_client()
+            .get(gw.url("/api/public/held"))
+            .header("x-request-id", "cut-on-the-lane")
+            .send(),
+    );
+    upstream.held_arrived().await;
+    let on_the_general_path = tokio::spawn(
+        http_client()
+            .post(gw.url("/api/public/held"))
+            .header("x-request-id", "cut-on-the-general-path")
+            .body("x")
+            .send(),
+    );
+    upstream.held_arrived().await;
+
+    gw.signal("TERM");
+    let (_, before) = gw
+        .wait_for_event("wxgate stopped", |line| line["message"] == "wxgate stopped")
+        .await;
+    // Not 499: the clients did not go away, the gateway gave up on them.
+    for id in ["cut-on-the-lane", "cut-on-the-general-path"] {
+        let line = before
+            .iter()
+            .find(|line| line["target"] == "wxgate::access" && line["span"]["request_id"] == id)
+            .unwrap_or_else(|| {
+                panic!("no access line for {id} before the gateway stopped: {before:?}")
+            });
+        assert_eq!(line["status"], 503, "{line}");
+    }
+    for cut in [on_the_lane, on_the_general_path] {
+        assert!(
+            cut.await.unwrap().is_err(),
+            "a cut-off request got an answer"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_flight_request_finishes_on_its_config_when_a_reload_removes_its_route() {
     let (mock, upstream) = world().await;
     let extra = format!(

@@ -153,6 +153,7 @@ pub(super) async fn serve(
                 let request_id = super::request_id(None);
                 let mut record = Record::begin(
                     &state.services.metrics,
+                    client,
                     head_started.into_std(),
                     None,
                     Cow::Borrowed("-"),
@@ -476,7 +477,7 @@ fn plan<'s>(
     state: &'s Arc<State>,
     request: &httparse::Request<'_, 's>,
     head: &[u8],
-    client: &ClientConnection,
+    client: &'s ClientConnection,
     out: &mut Vec<u8>,
     last_token: &mut LastToken,
 ) -> Option<Plan<'s>> {
@@ -537,7 +538,14 @@ fn plan<'s>(
     let metrics = &state.services.metrics;
     let head_only = method == Method::HEAD;
     let replayable = method.is_safe();
-    let mut record = Record::begin(metrics, arrived, Some(method), record_path, &request_id);
+    let mut record = Record::begin(
+        metrics,
+        client,
+        arrived,
+        Some(method),
+        record_path,
+        &request_id,
+    );
     let action = decide(
         state,
         checked,

@@ -25,6 +25,7 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::auth;
@@ -53,6 +54,10 @@ pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// The status logged and counted for a request whose client went away before its answer
 /// (nginx's "client closed request").
 const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// The status logged and counted for a request still unanswered when the shutdown's grace
+/// period ran out: the gateway gave up on it, not its client.
+const CUT_OFF_BY_SHUTDOWN: u16 = 503;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and gives in-flight
 /// requests `server.shutdown_grace` to finish.
@@ -180,8 +185,13 @@ async fn serve_connections<H, F>(
     let protocols = Arc::new(Protocols::new(&limits));
     let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
     let (phase, phase_seen) = watch::channel(Phase::Serving);
+    // Kept so that the connections still open when the grace period runs out can be stopped
+    // wherever they wait: the fast lane waits on its upstream up to the route's timeout.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Finished connections are reaped as new ones come, so the set holds the open ones.
+        while connections.try_join_next().is_some() {}
         // Waiting for a free slot before accepting leaves further clients in the kernel's
         // backlog, where they cost the gateway nothing.
         let permit = tokio::select! {
@@ -214,7 +224,7 @@ async fn serve_connections<H, F>(
                 phase: phase_seen.clone(),
             }),
         };
-        tokio::spawn(serve_connection(
+        connections.spawn(serve_connection(
             stream,
             client,
             handler.clone(),
@@ -229,14 +239,28 @@ async fn serve_connections<H, F>(
     // Every slot back means every connection and tunnel has ended.
     let every_slot = u32::try_from(limits.max_connections)
         .expect("server.max_connections is validated to at most a million");
-    if tokio::time::timeout(grace, connection_slots.acquire_many(every_slot))
+    let drained = tokio::time::timeout(grace, connection_slots.acquire_many(every_slot))
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !drained {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
     phase.send_replace(Phase::Closed);
+    if !drained {
+        // Each connection ends where it waits, logging what it cut off, and each tunnel at its
+        // next turn; waited for, so that those lines come before the gateway says it stopped.
+        // Bounded all the same: nothing is worth a shutdown that does not end.
+        connections.abort_all();
+        let cut_off = async {
+            while connections.join_next().await.is_some() {}
+            let _ = connection_slots.acquire_many(every_slot).await;
+        };
+        let _ = tokio::time::timeout(CUTTING_OFF, cut_off).await;
+    }
 }
+
+/// The most a shutdown waits, past its grace period, for the connections it cut off to end.
+const CUTTING_OFF: Duration = Duration::from_secs(1);
 
 /// Keep-alive probes a silent client's kernel must answer, `KEEPALIVE_INTERVAL` apart.
 const KEEPALIVE_PROBES: u32 = 6;
@@ -809,6 +833,7 @@ async fn handle(
     );
     let mut record = Record::begin(
         &state.services.metrics,
+        &client,
         Instant::now(),
         Some(request.method().clone()),
         request.uri().path().to_owned().into(),
@@ -832,6 +857,9 @@ async fn handle(
 /// over), which the code after an `.await` would never see.
 struct Record<'a> {
     metrics: &'a Metrics,
+    /// The listener's shutdown, which tells an unanswered request's client going away from
+    /// the grace period running out.
+    phase: &'a watch::Receiver<Phase>,
     started: Instant,
     /// `None` for a request whose head did not parse, logged as `-` like its path.
     method: Option<Method>,
@@ -845,6 +873,7 @@ impl Record<'_> {
     /// Counts the request, which arrived at `started`, in flight until the record is dropped.
     fn begin<'a>(
         metrics: &'a Metrics,
+        client: &'a ClientConnection,
         started: Instant,
         method: Option<Method>,
         path: Cow<'a, str>,
@@ -853,6 +882,7 @@ impl Record<'_> {
         metrics.in_flight.inc();
         Record {
             metrics,
+            phase: &client.slot.phase,
             started,
             method,
             path,
@@ -866,6 +896,9 @@ impl Record<'_> {
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
+        if self.status == CLIENT_CLOSED_REQUEST && *self.phase.borrow() == Phase::Closed {
+            self.status = CUT_OFF_BY_SHUTDOWN;
+        }
         let took = self.started.elapsed();
         let metrics = self.metrics;
         self.route.observe_request(metrics, self.status, took);
