@@ -1647,6 +1647,20 @@ const LEEWAY: DurationBounds = DurationBounds {
     whole_seconds: true,
 };
 
+/// A whole number of seconds as a config file would write it: `"3650d"` rather than
+/// humantime's `"9years 11months 27days 21h 50m 24s"` (its years and months are not whole
+/// days).
+pub(crate) fn as_setting(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match [(86_400, "d"), (3_600, "h"), (60, "m")]
+        .into_iter()
+        .find(|(unit, _)| secs >= *unit && secs.is_multiple_of(*unit))
+    {
+        Some((unit, suffix)) => format!("{}{suffix}", secs / unit),
+        None => format!("{secs}s"),
+    }
+}
+
 fn duration(
     value: Option<&str>,
     default: &str,
@@ -1658,16 +1672,15 @@ fn duration(
         problems.add(key, "must be a duration like \"30s\", \"2h\" or \"30d\"");
         return Duration::ZERO;
     };
-    let shown = |bound: Duration| humantime::format_duration(bound).to_string();
     if duration < bounds.min {
         let message = if bounds.min < Duration::from_secs(1) {
             "must be longer than zero".to_string()
         } else {
-            format!("must be at least {}", shown(bounds.min))
+            format!("must be at least {}", as_setting(bounds.min))
         };
         problems.add(key, message);
     } else if duration > bounds.max {
-        problems.add(key, format!("must be at most {}", shown(bounds.max)));
+        problems.add(key, format!("must be at most {}", as_setting(bounds.max)));
     } else if bounds.whole_seconds && duration.subsec_nanos() != 0 {
         problems.add(key, "must be whole seconds, like \"90s\" or \"2h\"");
     }
@@ -2622,16 +2635,16 @@ routes = 5
         assert_eq!(
             found,
             [
-                ("server.shutdown_grace", "must be at most 1day"),
-                ("server.header_timeout", "must be at most 1day"),
+                ("server.shutdown_grace", "must be at most 1d"),
+                ("server.header_timeout", "must be at most 1d"),
                 ("token.access_ttl", "must be at least 1s"),
                 (
                     "token.refresh_ttl",
                     "must be whole seconds, like \"90s\" or \"2h\""
                 ),
                 ("token.leeway", "must be at most 5m"),
-                ("login_hook.timeout", "must be at most 1day"),
-                ("routes[0].timeout", "must be at most 1day"),
+                ("login_hook.timeout", "must be at most 1d"),
+                ("routes[0].timeout", "must be at most 1d"),
             ]
         );
 

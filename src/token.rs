@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{
-    Algorithm, Config, ConfigError, KeyFile, MAX_TOKEN_LIFETIME, Problem, TokenConfig,
+    Algorithm, Config, ConfigError, KeyFile, MAX_TOKEN_LIFETIME, Problem, TokenConfig, as_setting,
 };
 use crate::error::Error;
 
@@ -557,10 +557,7 @@ pub fn mint(config: &Config, request: &MintRequest<'_>) -> anyhow::Result<String
         anyhow::bail!("--ttl must be at least 1s");
     }
     if ttl > MAX_TOKEN_LIFETIME {
-        anyhow::bail!(
-            "--ttl must be at most {}",
-            humantime::format_duration(MAX_TOKEN_LIFETIME)
-        );
+        anyhow::bail!("--ttl must be at most {}", as_setting(MAX_TOKEN_LIFETIME));
     }
     let keys = TokenKeys::from_config(&config.token).map_err(|problem| ConfigError {
         problems: vec![problem],

@@ -481,6 +481,26 @@ async fn token_command_output_passes_a_running_gateway() {
     );
     assert!(!refused.status.success());
     assert!(refused.stdout.is_empty());
+
+    // A lifetime past any a config may give is refused, not left to overflow the clock.
+    let refused = run_wxgate(
+        &[
+            "token",
+            "--openid",
+            "o-cli",
+            "--ttl",
+            "18446744073709551000s",
+            "--config",
+            config,
+        ],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--ttl must be at most 3650d"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[tokio::test]
