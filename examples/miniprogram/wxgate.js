@@ -7,7 +7,7 @@
  *   client.request({ url: '/api/orders' }).then(function (res) { ... });
  *
  * The client logs in with wx.login when it has no session, sends the access token on every
- * call, refreshes it when the gateway answers 401, and logs in again when the refresh is
+ * call, refreshes it when the gateway refuses it (401), and logs in again when the refresh is
  * refused. Every failure rejects with an Error carrying the gateway's error code, or one of
  * this file's own, in `.code` (see README, "For mini-program developers").
  *
@@ -17,10 +17,6 @@
 'use strict';
 
 var DEFAULT_STORAGE_KEY = 'wxgate.session';
-
-// The refresh endpoint's answers that mean the session is over, not that the call failed:
-// only a new wx.login can get the user back in.
-var SESSION_OVER = { invalid_refresh_token: true, refresh_token_reused: true };
 
 // wx.request's callbacks: request() takes them out of the options it passes on.
 var CALLBACKS = { success: true, fail: true, complete: true };
@@ -60,14 +56,17 @@ function createClient(options) {
     wx.removeStorageSync(storageKey);
   }
 
-  // Runs `task` once the renewal under way (if any) has settled, as the new renewal.
-  function exclusive(task) {
+  // Runs `task` once the renewal under way (if any) has settled, as the new renewal. The
+  // failure of a task that is `callersOwn` (a login the page asked for) is its caller's alone:
+  // whoever waits on it goes on with the session stored, which a failed login leaves as it was.
+  function exclusive(task, callersOwn) {
     var mine = (renewing || Promise.resolve()).then(task, task);
-    renewing = mine;
+    var waitedOn = callersOwn ? mine.then(null, function () {}) : mine;
+    renewing = waitedOn;
     var clear = function () {
-      if (renewing === mine) renewing = null;
+      if (renewing === waitedOn) renewing = null;
     };
-    mine.then(clear, clear);
+    waitedOn.then(clear, clear);
     return mine;
   }
 
@@ -95,8 +94,10 @@ function createClient(options) {
         return save(res.data);
       },
       function (err) {
-        // A network failure or a 5xx keeps the session: the next call refreshes again.
-        if (!SESSION_OVER[err.code]) throw err;
+        // A network failure or a 5xx keeps the session: the next call refreshes again. Any
+        // other refusal (invalid_refresh_token, refresh_token_reused, or a session stored
+        // without its refresh token) ends it.
+        if (err.status === 0 || err.status >= 500) throw err;
         forget();
         if (!relogin) throw err;
         return doLogin({}).then(load);
@@ -104,12 +105,18 @@ function createClient(options) {
     );
   }
 
-  // A session newer than the one that earned `stale` its 401: joins the renewal under way,
-  // reuses one that finished meanwhile, or starts one.
+  // A session newer than the one that earned `stale` its 401: waits for the renewal under
+  // way, reuses one that finished meanwhile, or starts one. Without `relogin`, a session that
+  // is gone stays gone.
   function renew(stale, relogin) {
-    if (renewing) return renewing.then(load);
+    if (renewing) {
+      return renewing.then(function () {
+        return renew(stale, relogin);
+      });
+    }
     var session = load();
     if (session && session.access_token !== stale) return Promise.resolve(session);
+    if (!session && !relogin) return Promise.resolve(null);
     return exclusive(function () {
       return session ? doRefresh(session, relogin) : doLogin({}).then(load);
     }).then(load);
@@ -129,7 +136,9 @@ function createClient(options) {
     return currentSession(relogin).then(function (session) {
       if (!session) throw wxgateError('not_logged_in', 'no session: call login() first', 0);
       return send(withBearer(req, session.access_token)).catch(function (err) {
-        if (err.status !== 401) throw err;
+        // Only the gateway's refusal of the token: a business API's own 401 ("wrong PIN") is
+        // its answer to the call, which must not be sent twice.
+        if (!err.tokenRefused) throw err;
         return renew(session.access_token, relogin).then(function (fresh) {
           if (!fresh) throw err;
           return send(withBearer(req, fresh.access_token));
@@ -141,7 +150,7 @@ function createClient(options) {
   function login(opts) {
     return exclusive(function () {
       return doLogin(opts || {});
-    });
+    }, true);
   }
 
   // The caller's success / fail / complete, like wx.request's, run once with the outcome the
@@ -291,6 +300,9 @@ function fromResponse(res) {
   );
   err.data = body;
   if (gateway && body.wechat_errcode !== undefined) err.wechatErrcode = body.wechat_errcode;
+  // The gateway's 401s, and only those, name its realm in their challenge.
+  var challenge = headerValue(res.header, 'www-authenticate');
+  err.tokenRefused = res.statusCode === 401 && /realm="wxgate"/.test(challenge || '');
   var retryAfter = headerValue(res.header, 'retry-after');
   if (retryAfter !== undefined && !isNaN(Number(retryAfter))) err.retryAfter = Number(retryAfter);
   return err;

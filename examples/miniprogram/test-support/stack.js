@@ -75,7 +75,8 @@ function startWxgate(args, message) {
   });
 }
 
-// The business API: answers every request with what it received, identity headers included.
+// The business API: answers every request with what it received, identity headers included,
+// with status 200, or NNN for a path ending in /status/NNN.
 function startUpstream() {
   const seen = [];
   const server = http.createServer((req, res) => {
@@ -85,7 +86,8 @@ function startUpstream() {
     req.on('end', () => {
       const echo = { method: req.method, url: req.url, headers: req.headers, body };
       seen.push(echo);
-      res.writeHead(200, { 'content-type': 'application/json' });
+      const status = /\/status\/(\d{3})$/.exec(req.url);
+      res.writeHead(status ? Number(status[1]) : 200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(echo));
     });
   });

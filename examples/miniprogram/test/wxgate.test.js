@@ -213,6 +213,45 @@ test('a refused refresh token leads to a new login and the call still succeeds',
   assert.notEqual(stored(wx).refresh_token, 'not-a-refresh-token');
 });
 
+test("a business API's own 401 is its answer: no refresh, and the call is not sent twice", async () => {
+  const { wx, client } = setup('pin-quinn');
+  await client.login();
+  const err = await rejection(
+    client.request({ url: '/api/pay/status/401', method: 'POST', data: { pin: '0000' } }),
+  );
+  assert.equal(err.status, 401);
+  assert.equal(err.code, 'http_error');
+  assert.equal(wx.refreshes(), 0);
+  assert.equal(count(wx, 'POST', '/api/pay/status/401'), 1);
+  assert.equal(stack.upstream.filter((seen) => seen.url === '/api/pay/status/401').length, 1);
+});
+
+test('a session stored without its refresh token logs in again rather than failing every call', async () => {
+  const { wx, client } = setup('bare-rhea');
+  await client.login();
+  const session = stored(wx);
+  delete session.refresh_token;
+  wx.setStorageSync('wxgate.session', session);
+  spoilAccessToken(wx);
+  const res = await client.request({ url: '/api/orders' });
+  assert.equal(res.statusCode, 200);
+  assert.equal(wx.refreshes(), 1);
+  assert.equal(wx.logins, 2);
+  assert.ok(stored(wx).refresh_token);
+});
+
+test('a login the page asked for that fails leaves calls on the stored session alone', async () => {
+  const { wx, client } = setup('profile-sol');
+  await client.login();
+  wx.codes.push(null);
+  const relogin = rejection(client.login());
+  // Started while the login is under way, so it waits for it.
+  const call = client.request({ url: '/api/orders' });
+  assert.equal((await relogin).code, 'wx_login_failed');
+  assert.equal((await call).statusCode, 200);
+  assert.equal(wx.logins, 2);
+});
+
 test('a refused refresh token is forgotten even when the new login fails', async () => {
   const { wx, client } = setup('relogin-ivy');
   await client.login();
@@ -321,6 +360,20 @@ test('logout with a refused refresh token resolves and forgets the tokens', asyn
   assert.equal(wx.logins, 1, 'logging out never logs in');
   assert.equal(stored(wx), '');
   assert.equal(client.session(), null);
+});
+
+test('logout whose session another logout ended meanwhile never logs in', async () => {
+  const { wx, client } = setup('logout-tess');
+  await client.login();
+  spoilAccessToken(wx);
+  // The session is read as the call starts, and its 401 comes back later: a second logout (a
+  // double tap) finishes in between.
+  const logout = client.logout();
+  wx.removeStorageSync('wxgate.session');
+  await logout;
+  assert.equal(wx.logins, 1, 'logging out never logs in');
+  assert.equal(wx.refreshes(), 0);
+  assert.equal(stored(wx), '');
 });
 
 test('logout without a session makes no request', async () => {
