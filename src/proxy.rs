@@ -167,9 +167,13 @@ pub async fn forward(
         let headers = response.headers_mut();
         headers.insert(UPGRADE, protocol);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        // As long as the token would still be accepted: a tunnel closed at `exp` would meet a
+        // client reconnecting within the leeway with a 101 and an immediate close, never
+        // with the 401 `token_expired` that tells it to refresh.
+        let leeway = state.config.token.leeway.as_secs();
         let session = identity.map(|claims| {
             let revoked = state.services.revocations.ended(claims.sid.clone());
-            (claims.exp, revoked)
+            (claims.exp.saturating_add(leeway), revoked)
         });
         let tunnel = tunnel(
             client_side,
@@ -391,8 +395,9 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Carries bytes both ways once both sides have switched protocols. A tunnel opened with a
-/// token closes when the token expires or its session is revoked (`session`: the token's `exp`
-/// and what resolves on revocation): the decision made at upgrade time outlives neither.
+/// token closes when the token expires or its session is revoked (`session`: until when the
+/// token is accepted, unix seconds, and what resolves on revocation): the decision made at
+/// upgrade time outlives neither.
 /// It holds on to its client connection: the tunnel counts against `max_connections`, and the
 /// shutdown drain waits for it until the grace period is over.
 async fn tunnel(

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use common::{
     APP_SECRET, APPID, BodySeen, JWT_SECRET, RedisServer, Upstream, assert_echoed, greeting,
     http_client, read_answer, read_answers, websocket,
@@ -616,7 +619,11 @@ async fn a_request_body_its_client_abandons_is_counted_as_400_and_never_blamed_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_opened_with_a_token_closes_when_the_token_expires() {
     let (mock, upstream) = world().await;
-    let mut gw = Process::start(&config(mock, upstream.addr, "")).await;
+    let text = config(mock, upstream.addr, "").replace(
+        &format!("secret = \"{JWT_SECRET}\""),
+        &format!("secret = \"{JWT_SECRET}\"\nleeway = \"2s\""),
+    );
+    let mut gw = Process::start(&text).await;
     let loaded = wxgate::Config::load(&gw.config).unwrap();
     let token = wxgate::token::mint(
         &loaded,
@@ -646,6 +653,18 @@ async fn a_websocket_opened_with_a_token_closes_when_the_token_expires() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the tunnel outlived its token");
+    // Not before the leeway is over: until then the token is accepted, and a client that
+    // reconnected would be let in and cut off at once rather than told to refresh.
+    let exp = {
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["exp"].as_u64().unwrap()
+    };
+    assert!(
+        wxgate::token::unix_now() >= exp + 2,
+        "closed within the leeway"
+    );
     let line = gw.wait_for("its token expired").await;
     assert_eq!(line["span"]["request_id"], "ws-expiry-1", "{line}");
 }
