@@ -86,6 +86,39 @@ async fn login_on_one_refresh_on_the_other_logout_reaches_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_the_store_failed_to_take_still_reaches_the_other_replica_once_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let (a, b) = replicas(&redis).await;
+    let login = a.login("uli").await;
+    let bearer = format!("Bearer {}", login["access_token"].as_str().unwrap());
+    assert_eq!(b.get("/api/x", &[("authorization", &bearer)]).await.0, 200);
+
+    redis.stop();
+    let (status, body) = b
+        .post(
+            "/auth/logout",
+            login["access_token"].as_str(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!((status, body["error"].as_str()), (500, Some("internal")));
+    // Ended here at once all the same; a retry is refused as already revoked.
+    let (_, body) = b.get("/api/x", &[("authorization", &bearer)]).await;
+    assert_eq!(body["error"], "token_revoked");
+
+    // Back, and empty: the replica that took the logout sends it again.
+    redis.start_again().await;
+    let refused_on_a = within(Duration::from_secs(10), async || {
+        a.get("/api/x", &[("authorization", &bearer)]).await.1["error"] == "token_revoked"
+    })
+    .await;
+    assert!(
+        refused_on_a,
+        "the other replica never learned of a logout the store failed to take"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_code_posted_to_both_replicas_at_once_is_exchanged_once() {
     let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;

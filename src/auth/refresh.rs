@@ -196,18 +196,21 @@ pub(super) async fn logout(
 
 /// Ends a session here at once, and everywhere once the other replicas sync: its tokens are
 /// refused until `until` (unix seconds), or longer when the store knows of a later token of
-/// the session.
+/// the session. Should the store fail, the session stays ended here, and the revocation is sent
+/// again at each sync until the store takes it.
 async fn revoke(state: &State, sid: &str, until: u64) -> Result<(), Error> {
     let revocations = &state.services.revocations;
     revocations.insert(sid, until);
-    let listed_until = state
-        .services
-        .store
-        .revoke_session(sid, until)
-        .await
-        .map_err(store_failed)?;
-    revocations.insert(sid, listed_until);
-    Ok(())
+    match state.services.store.revoke_session(sid, until).await {
+        Ok(listed_until) => {
+            revocations.insert(sid, listed_until);
+            Ok(())
+        }
+        Err(err) => {
+            revocations.keep_unsent(sid, until);
+            Err(store_failed(err))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -273,7 +273,8 @@ return {session}
 /// The listing lasts until the later of the given end and the session's access deadline.
 /// Sids whose listing has ended leave both sets, a bounded number at a time (more than the one
 /// added); the two sets live as long as the longest listing in them. Answers the listing's end.
-/// The sequence goes by the redis server's clock in ms (one more than the last when the clock
+/// The sequence goes by the redis server's clock in ms (reading it before writing needs
+/// effects replication, the default from Redis 5 on and asked for by Redis 4) (one more than the last when the clock
 /// has not moved on): a redis restarted without its data starts it again from the clock, past
 /// every replica's cursor, where a count from 1 would give the first revocations after the
 /// restart numbers a replica's cursor has already passed, and they would never reach it.
@@ -287,6 +288,7 @@ if access and tonumber(access) * 1000 > listed_until then
   listed_until = tonumber(access) * 1000
 end
 redis.call('DEL', KEYS[2])
+redis.replicate_commands()
 local clock = redis.call('TIME')
 local seq = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1,
   tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))

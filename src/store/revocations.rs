@@ -8,7 +8,7 @@
 //! accepted. A fixed period taken from the config at start would be wrong after a reload that
 //! lengthens `access_ttl`, and for tokens minted with a longer lifetime (`wxgate token --ttl`).
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
@@ -26,6 +26,9 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Revocations {
     /// Revoked sid → until when (unix seconds) a token of its session could be accepted.
     revoked: Cache<String, u64, RandomState>,
+    /// Revocations made here that the store could not take, sent again at each sync until it
+    /// does: the other replicas learn of them only from the store.
+    unsent: Mutex<Vec<Revoked>>,
     /// Bumped at every revocation, for what must end with a session rather than ask about it
     /// on each request: upgraded connections (see [`Revocations::ended`]), and connections that
     /// remember their last token (see [`Revocations::watch`]).
@@ -40,6 +43,7 @@ impl Default for Revocations {
             revoked: Cache::builder()
                 .expire_after(UntilListingEnds)
                 .build_with_hasher(RandomState::default()),
+            unsent: Mutex::default(),
             changes: watch::Sender::new(()),
         }
     }
@@ -66,6 +70,27 @@ impl Revocations {
                 _ => Op::Put(until),
             });
         self.changes.send_replace(());
+    }
+
+    /// Keeps a revocation made here, which the store failed to take, for the next syncs to
+    /// send until it does. A client told its logout failed may not try again (a retry here is
+    /// refused as already revoked), and the other replicas would otherwise never learn of it.
+    pub fn keep_unsent(&self, sid: &str, until: u64) {
+        self.unsent.lock().expect("never poisoned").push(Revoked {
+            sid: sid.to_string(),
+            until,
+        });
+    }
+
+    /// Sends the revocations the store failed to take; those it fails again are kept.
+    async fn send_unsent(&self, store: &dyn Store) {
+        let unsent = std::mem::take(&mut *self.unsent.lock().expect("never poisoned"));
+        for revoked in unsent {
+            if let Err(err) = store.revoke_session(&revoked.sid, revoked.until).await {
+                tracing::warn!(error = %err, sid = %revoked.sid, "a revocation is still not in the store");
+                self.unsent.lock().expect("never poisoned").push(revoked);
+            }
+        }
     }
 
     /// Resolves once `sid` is revoked. Revocations are rare, so every waiter is woken at each
@@ -107,6 +132,7 @@ impl Revocations {
                 else {
                     return;
                 };
+                revocations.send_unsent(store.as_ref()).await;
                 cursor = revocations.pull(store.as_ref(), cursor).await;
             }
         });

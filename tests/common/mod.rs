@@ -950,12 +950,17 @@ impl RedisServer {
     /// persistence.
     pub async fn restart(&mut self) {
         self.stop();
+        self.start_again().await;
+    }
+
+    /// Starts an empty server on the port of one stopped: redis back after an outage.
+    pub async fn start_again(&mut self) {
         self.child = RedisServer::spawn(self.port, self.password)
             .await
             .expect("redis-server did not restart on its port");
     }
 
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
