@@ -2,6 +2,7 @@
 //! survive config reloads.
 
 use std::borrow::Cow;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -137,6 +138,9 @@ pub struct Metrics {
     /// `token_verifications{result="ok"}`, the outcome of nearly every check, kept like a
     /// route's series.
     token_verified: OnceLock<Counter>,
+    /// Set once the shutdown's grace period has run out: a request dropped unanswered from
+    /// then on was cut off by the gateway, and is counted 503 rather than its client's 499.
+    pub grace_over: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -202,6 +206,7 @@ impl Default for Metrics {
             auth_route: RouteSeries::new("auth"),
             no_route: RouteSeries::new("none"),
             token_verified: OnceLock::new(),
+            grace_over: AtomicBool::new(false),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -67,6 +68,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let grace_state = state.clone();
+    // The services, metrics among them, are the process's and outlive reloads.
+    let metrics = state.load().services.metrics.clone();
     let lane = state.clone();
     let handler = move |request, client| {
         let state = state.load_full();
@@ -81,7 +84,17 @@ pub async fn run(
     };
     // The grace period is read at shutdown time: a reload may have changed it.
     let grace = move || grace_state.load().config.server.shutdown_grace;
-    serve_connections(listener, handler, Some(lane), limits, shutdown, grace).await;
+    let cutting_off = move || metrics.grace_over.store(true, Ordering::Relaxed);
+    serve_connections(
+        listener,
+        handler,
+        Some(lane),
+        limits,
+        shutdown,
+        grace,
+        cutting_off,
+    )
+    .await;
     Ok(())
 }
 
@@ -171,6 +184,9 @@ impl Protocols {
 /// The accept loop shared by the gateway and the admin listener: one task per connection,
 /// HTTP/1.1 or h2c, each holding a slot so that shutdown can wait for it to finish. With
 /// `lane`, HTTP/1 connections take the fast lane for the requests it takes (see [`fast_lane`]).
+/// `cutting_off` runs when the grace period is over, before the connections left are stopped.
+// Each argument is a different part of the listener, and the two callers pass them as they are.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connections<H, F>(
     listener: TcpListener,
     handler: H,
@@ -178,6 +194,7 @@ async fn serve_connections<H, F>(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     grace: impl FnOnce() -> Duration,
+    cutting_off: impl FnOnce(),
 ) where
     H: Fn(Request<Incoming>, ClientConnection) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
@@ -244,6 +261,7 @@ async fn serve_connections<H, F>(
         .is_ok();
     if !drained {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
+        cutting_off();
     }
     phase.send_replace(Phase::Closed);
     if !drained {
@@ -813,9 +831,16 @@ pub async fn run_admin(
         max_connections: ADMIN_MAX_CONNECTIONS,
         header_timeout: ADMIN_HEADER_TIMEOUT,
     };
-    serve_connections(listener, handler, None, limits, shutdown, || {
-        Duration::from_secs(1)
-    })
+    // Admin requests keep no access-log record to count as cut off.
+    serve_connections(
+        listener,
+        handler,
+        None,
+        limits,
+        shutdown,
+        || Duration::from_secs(1),
+        || {},
+    )
     .await;
 }
 
@@ -833,7 +858,6 @@ async fn handle(
     );
     let mut record = Record::begin(
         &state.services.metrics,
-        &client,
         Instant::now(),
         Some(request.method().clone()),
         request.uri().path().to_owned().into(),
@@ -857,9 +881,6 @@ async fn handle(
 /// over), which the code after an `.await` would never see.
 struct Record<'a> {
     metrics: &'a Metrics,
-    /// The listener's shutdown, which tells an unanswered request's client going away from
-    /// the grace period running out.
-    phase: &'a watch::Receiver<Phase>,
     started: Instant,
     /// `None` for a request whose head did not parse, logged as `-` like its path.
     method: Option<Method>,
@@ -873,7 +894,6 @@ impl Record<'_> {
     /// Counts the request, which arrived at `started`, in flight until the record is dropped.
     fn begin<'a>(
         metrics: &'a Metrics,
-        client: &'a ClientConnection,
         started: Instant,
         method: Option<Method>,
         path: Cow<'a, str>,
@@ -882,7 +902,6 @@ impl Record<'_> {
         metrics.in_flight.inc();
         Record {
             metrics,
-            phase: &client.slot.phase,
             started,
             method,
             path,
@@ -896,7 +915,7 @@ impl Record<'_> {
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
-        if self.status == CLIENT_CLOSED_REQUEST && *self.phase.borrow() == Phase::Closed {
+        if self.status == CLIENT_CLOSED_REQUEST && self.metrics.grace_over.load(Ordering::Relaxed) {
             self.status = CUT_OFF_BY_SHUTDOWN;
         }
         let took = self.started.elapsed();
