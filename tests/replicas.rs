@@ -119,6 +119,61 @@ async fn a_logout_the_store_failed_to_take_still_reaches_the_other_replica_once_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_whose_claimant_died_with_it_at_wechat_is_never_sent_again() {
+    let redis = RedisServer::start().await;
+    let mock = MockWechat::new();
+    let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_addr = mock_listener.local_addr().unwrap();
+    tokio::spawn(mock.clone().serve(mock_listener));
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("claimant");
+    let setup = Setup {
+        store: format!("backend = \"redis\"\nurl = \"{}\"", redis.url()),
+        wechat_timeout: "1s",
+        ..Setup::default()
+    };
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        common::config_text(&setup, mock_addr, upstream.addr),
+    )
+    .unwrap();
+    let claimant = GatewayProcess::start(&config).await;
+    let other = GatewayProcess::start(&config).await;
+
+    // `slow`: WeChat holds its answer. The claimant dies with the code at WeChat.
+    let url = claimant.url("/auth/login");
+    // Its client hears nothing back once the claimant dies: the answer is not waited for.
+    let posted = http_client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(r#"{"code": "slow"}"#)
+        .send();
+    tokio::spawn(posted);
+    let at_wechat = within(Duration::from_secs(10), async || {
+        mock.code2session_calls() == 1
+    })
+    .await;
+    assert!(at_wechat, "the code never reached WeChat");
+    claimant.kill();
+
+    // Once the dead claimant's claim runs out, the code is still not sent again: WeChat may
+    // have taken it.
+    let (status, body) = post_to(
+        &other,
+        "/auth/login",
+        None,
+        serde_json::json!({"code": "slow"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("wechat_timeout"))
+    );
+    assert_eq!(mock.code2session_calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_code_posted_to_both_replicas_at_once_is_exchanged_once() {
     let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;

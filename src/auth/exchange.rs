@@ -242,6 +242,7 @@ impl Job {
         // Long enough for the claimant's every attempt: each host, each busy retry.
         let claim_ttl = wechat.timeout * 3 * wechat.hosts.len() as u32 + Duration::from_secs(2);
         let give_up = Instant::now() + claim_ttl * 2;
+        let mut waited = false;
         loop {
             let claim = match store.claim_exchange(self.name, claim_ttl).await {
                 Ok(claim) => claim,
@@ -249,6 +250,18 @@ impl Job {
                 Err(err) => return forgotten(store_failed(err)),
             };
             match claim {
+                // The claim this replica waited on ran out with no outcome: its claimant may
+                // have sent the code and died. The code is not sent again, and the failure is
+                // shared, so that the other replicas waiting do not send it either.
+                ExchangeClaim::Mine if waited => {
+                    let settled = Settled {
+                        outcome: Err(Error::WechatTimeout),
+                        memory: FAILURE_MEMORY,
+                        storing_key: false,
+                    };
+                    self.share(&settled).await;
+                    return settled;
+                }
                 ExchangeClaim::Mine => {
                     let mut settled = self.exchange().await;
                     // Replicas that open the shared outcome take its key as stored.
@@ -258,6 +271,7 @@ impl Job {
                 }
                 ExchangeClaim::Done(sealed) => return self.open(&sealed),
                 ExchangeClaim::Theirs if Instant::now() < give_up => {
+                    waited = true;
                     tokio::time::sleep(WAIT_POLL).await;
                 }
                 // The claimant may have sent the code and died: it is not sent again.

@@ -693,7 +693,7 @@ pub fn echoed_header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str
         .unwrap_or_default()
 }
 
-fn config_text(setup: &Setup, mock: SocketAddr, upstream: SocketAddr) -> String {
+pub fn config_text(setup: &Setup, mock: SocketAddr, upstream: SocketAddr) -> String {
     let hosts = setup
         .wechat_hosts
         .clone()
