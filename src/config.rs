@@ -1072,7 +1072,9 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
                 format!("is required with algorithm {name} (a private key in PEM)"),
             ),
             Some(file) => {
-                signing_key = key_file(&file, "token.signing_key", algorithm, folder, problems)
+                signing_key = key_file(&file, "token.signing_key", folder, problems, |file| {
+                    crate::token::signing_key_problem(file, algorithm)
+                })
             }
         }
     }
@@ -1086,7 +1088,9 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
             .enumerate()
             .filter_map(|(index, file)| {
                 let key = format!("token.verify_keys[{index}]");
-                key_file(file, &key, algorithm, folder, problems)
+                key_file(file, &key, folder, problems, |file| {
+                    crate::token::verify_key_problem(file, &key, algorithm)
+                })
             })
             .collect(),
     };
@@ -1128,20 +1132,20 @@ fn validate_token(raw: RawToken, folder: &Path, problems: &mut Problems) -> Toke
     }
 }
 
-/// Reads the key file named by `key` and checks that it holds a key for `algorithm`.
+/// Reads the key file named by `key`, and has `problem` say what is wrong with what it holds.
 fn key_file(
     file: &str,
     key: &str,
-    algorithm: Algorithm,
     folder: &Path,
     problems: &mut Problems,
+    problem: impl FnOnce(&KeyFile) -> Option<Problem>,
 ) -> Option<KeyFile> {
     let (path, text) = read_file(file, key, folder, problems)?;
     let file = KeyFile {
         path,
         pem: Secret(text),
     };
-    match crate::token::key_problem(&file, key, algorithm) {
+    match problem(&file) {
         Some(problem) => {
             problems.add(problem.key, problem.message);
             None

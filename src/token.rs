@@ -266,16 +266,20 @@ fn read_signing_key(
     Ok((encoding, signing.public))
 }
 
-/// What is wrong with a key file for `algorithm`, read as [`TokenKeys::from_config`] will read
-/// it: the config's validation asks this of each key, so that a bad key is listed with every
+/// What is wrong with `token.signing_key` for `algorithm`, read as [`TokenKeys::from_config`]
+/// will read it: the config's validation asks this, so that a bad key is listed with every
 /// other problem of the file rather than alone, once the rest is mended.
-pub(crate) fn key_problem(file: &KeyFile, key: &str, algorithm: Algorithm) -> Option<Problem> {
-    let read = if key == "token.signing_key" {
-        read_signing_key(file, algorithm).map(drop)
-    } else {
-        read_key(file, key, algorithm).map(drop)
-    };
-    read.err()
+pub(crate) fn signing_key_problem(file: &KeyFile, algorithm: Algorithm) -> Option<Problem> {
+    read_signing_key(file, algorithm).err()
+}
+
+/// [`signing_key_problem`] for the verification key given as `key`.
+pub(crate) fn verify_key_problem(
+    file: &KeyFile,
+    key: &str,
+    algorithm: Algorithm,
+) -> Option<Problem> {
+    read_key(file, key, algorithm).err()
 }
 
 /// The public half of a key: what tokens are verified with, and what the JWKS publishes.

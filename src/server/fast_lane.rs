@@ -310,11 +310,10 @@ fn framing_refused(request: &httparse::Request<'_, '_>) -> Option<&'static str> 
                         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
             Name::ContentLength if !coded => {
-                let digits =
-                    !header.value.is_empty() && header.value.iter().all(u8::is_ascii_digit);
+                // Digits alone: `u64`'s parser would also take a leading `+`, which hyper refuses.
                 let value = std::str::from_utf8(header.value)
                     .ok()
-                    .filter(|_| digits)
+                    .filter(|text| text.bytes().all(|byte| byte.is_ascii_digit()))
                     .and_then(|text| text.parse::<u64>().ok());
                 let Some(value) = value else {
                     return Some("the request's Content-Length is not one whole number");

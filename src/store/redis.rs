@@ -273,11 +273,11 @@ return {session}
 /// The listing lasts until the later of the given end and the session's access deadline.
 /// Sids whose listing has ended leave both sets, a bounded number at a time (more than the one
 /// added); the two sets live as long as the longest listing in them. Answers the listing's end.
-/// The sequence goes by the redis server's clock in ms (reading it before writing needs
-/// effects replication, the default from Redis 5 on and asked for by Redis 4) (one more than the last when the clock
-/// has not moved on): a redis restarted without its data starts it again from the clock, past
-/// every replica's cursor, where a count from 1 would give the first revocations after the
-/// restart numbers a replica's cursor has already passed, and they would never reach it.
+/// The sequence goes by the redis server's clock in ms, or one past the last when the clock has
+/// not moved on: a redis restarted without its data starts it again from the clock, past every
+/// replica's cursor, where a count from 1 would give the first revocations after the restart
+/// numbers the cursors have passed, and they would never reach the replicas. Reading the clock
+/// before writing needs effects replication: the default from Redis 5 on, asked for by Redis 4.
 static REVOKE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
